@@ -1,0 +1,33 @@
+"""`histoseek export`: checkpoint folder -> verified ONNX -> new model-repository version."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from export.onnx_export import export_onnx
+from export.repository import write_model_version
+from export.verify import sample_images, verify_onnx
+from histoseek.errors import HistoseekError
+from training import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, verify_data: Path | None = None) -> Path:
+    """Export, verify on real images (the training data unless `verify_data` is given),
+    and write the next version of `repo/<encoder>/`; returns the version folder."""
+    backbone, spec = checkpoint.load_backbone(checkpoint_dir)
+    data = verify_data or checkpoint.read_config(checkpoint_dir).get("data")
+    if not data or not Path(data).is_dir():
+        raise HistoseekError(
+            f"no images to verify the export with: the training data {data!r} is gone; pass --verify-data DIR"
+        )
+    images = sample_images(Path(data), spec.input_size)
+    with tempfile.TemporaryDirectory(prefix="histoseek-export-") as tmp:
+        onnx_path = export_onnx(backbone, spec, Path(tmp) / "model.onnx", fp16=fp16)
+        max_diff = verify_onnx(backbone, spec, onnx_path, images, fp16=fp16)
+        spec_dict = spec.to_dict() | {"verify_max_abs_diff": max_diff, "fp16": fp16}
+        version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16)
+    print(f"exported {spec.name} to {version_dir} (ONNX vs PyTorch max abs diff {max_diff:.2e} on {len(images)} images)")
+    return version_dir

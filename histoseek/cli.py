@@ -1,0 +1,182 @@
+"""The `histoseek` command: one subcommand per pipeline stage.
+
+Stages import their modules lazily, so `histoseek serve` or `histoseek demo` never load
+torch, and `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from histoseek.errors import HistoseekError
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError("--k values must be positive")
+    return ks
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from training.data.synthetic import synthesize
+
+    dataset = synthesize(args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {len(dataset)} tiles in {len(dataset.labels)} classes to {args.out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from training.data.prepare import prepare_dataset
+
+    report = prepare_dataset(args.format, args.src, args.out, tile=args.tile, stride=args.stride, resize=args.resize,
+                             min_tissue=args.min_tissue, stain_norm=args.stain_norm)
+    print(report)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
+                      epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
+                      init=str(args.init) if args.init else None, split=args.split, seed=args.seed,
+                      workers=args.workers, fresh=args.fresh)
+    try:
+        out = train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(f"checkpoint written to {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from histoseek.metrics import format_table
+
+    if args.checkpoint is None:
+        raise HistoseekError("give --checkpoint DIR (PyTorch-side evaluation)")
+    from training.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k)
+    print(format_table(result["metrics"], args.k))
+    if args.json:
+        from histoseek import atomic
+
+        atomic.write_json(args.json, result)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from export.export_checkpoint import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.repo, fp16=args.fp16, verify_data=args.verify_data)
+
+
+def cmd_triton(args: argparse.Namespace) -> None:
+    from server import triton
+
+    if args.action == "start":
+        info = triton.start(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                            metrics_port=args.metrics_port, run_dir=args.run_dir)
+        print(f"Triton ready: HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port} ({info})")
+    elif args.action == "stop":
+        triton.stop(args.run_dir)
+        print("Triton stopped")
+    else:
+        print(json.dumps(triton.status(args.run_dir), indent=2))
+
+
+def cmd_encoders(args: argparse.Namespace) -> None:
+    from training.encoders.registry import list_encoders
+
+    for encoder in list_encoders():
+        print(f"{encoder.name}: {encoder.method}")
+        for name in encoder.presets:
+            spec = encoder.spec(name)
+            print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
+                  f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histoseek", description="Histopathology image retrieval.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make or prepare a dataset folder").add_subparsers(dest="action", required=True)
+    p = data.add_parser("synth", help="procedural H&E-like tiles (the project's own demo/test data)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("prepare", help="tile and index a real dataset (BACH, BRACS, CRC, folder per class)")
+    p.add_argument("--format", choices=["folder", "bach", "bracs", "crc"], required=True)
+    p.add_argument("--src", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images)")
+    p.add_argument("--stride", type=int, help="tile stride (default: the tile size)")
+    p.add_argument("--resize", type=int, help="rescale source images before tiling (see README)")
+    p.add_argument("--min-tissue", type=float, default=0.0, help="drop tiles with less tissue than this fraction")
+    p.add_argument("--stain-norm", type=Path, help="reference image for Macenko stain normalisation")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("train", help="train an encoder; writes a checkpoint folder")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float, help="time budget; the schedules follow the clock")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--init", type=Path, help="start from a weights file (DINO, timm, torchvision, …)")
+    p.add_argument("--split", help="train on this split of a prepared dataset only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="precision@k, mAP@k, majority vote@k")
+    p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--database", type=Path, required=True)
+    p.add_argument("--queries", type=Path, help="query set (default: leave-one-out on the database)")
+    p.add_argument("--k", type=_ks, default=[1, 5, 10])
+    p.add_argument("--json", type=Path)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="checkpoint -> verified ONNX -> Triton model repository")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--fp16", action="store_true", help="half-precision weights (for GPUs)")
+    p.add_argument("--verify-data", type=Path, help="images to verify on (default: the training data)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("triton", help="start, stop or inspect the local Triton server")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--run-dir", type=Path, default=Path("runs/triton"))
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("encoders", help="list the registered encoders and their specs")
+    p.set_defaults(func=cmd_encoders)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except HistoseekError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

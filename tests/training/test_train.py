@@ -1,0 +1,77 @@
+"""Training a few steps on synthetic data: outputs, determinism, resume, --init."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from histoseek.errors import HistoseekError
+from training import checkpoint
+from training.train import TrainConfig, train
+
+
+def _config(data, out, **kw):
+    base = dict(encoder="dino", data=str(data), out=str(out), preset="cpu", epochs=2, batch_size=8, workers=0, seed=3)
+    return TrainConfig(**(base | kw))
+
+
+def test_train_writes_a_loadable_checkpoint(synth_data, tmp_path):
+    out = train(_config(synth_data, tmp_path / "ckpt"))
+    assert {"weights.safetensors", "encoder.json", "train_config.json"} <= {p.name for p in out.iterdir()}
+    spec = json.loads((out / "encoder.json").read_text())
+    assert spec["name"] == "dino" and spec["input_size"] == 64
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["steps"] == 2 * (24 // 8) and config["final_loss"] > 0
+    backbone, loaded_spec = checkpoint.load_backbone(out)
+    # Only the exportable backbone is saved: no head, no teacher.
+    assert not any(k.startswith(("head", "teacher")) for k in load_file(str(out / "weights.safetensors")))
+    assert backbone(torch.zeros(1, 3, 64, 64)).shape == (1, loaded_spec.embedding_dim)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(synth_data, tmp_path):
+    straight = train(_config(synth_data, tmp_path / "straight"))
+
+    def interrupt(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    resumed_dir = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(synth_data, resumed_dir), on_step=interrupt)
+    assert checkpoint.load_resume_state(resumed_dir)["step"] == 4
+    resumed = train(_config(synth_data, resumed_dir))
+    a = load_file(str(straight / "weights.safetensors"))
+    b = load_file(str(resumed / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_init_loads_dino_style_checkpoint_and_rejects_mismatches(synth_data, tmp_path):
+    from training.encoders.registry import get_encoder
+
+    encoder = get_encoder("dino")
+    source = encoder.build_backbone(encoder.preset("cpu"))
+    # DINO's training checkpoints nest the backbone under teacher/ with a module.backbone. prefix.
+    wrapped = {"teacher": {f"module.backbone.{k}": v for k, v in source.state_dict().items()},
+               "epoch": 10}
+    torch.save(wrapped, tmp_path / "dino_checkpoint.pth")
+    target = encoder.build_backbone(encoder.preset("cpu"))
+    encoder.load_init(target, tmp_path / "dino_checkpoint.pth")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value)
+
+    # The paper preset's ViT-S weights do not fit the cpu ViT-Tiny: refused, keys listed.
+    big = encoder.build_backbone(encoder.preset("paper"))
+    torch.save(big.state_dict(), tmp_path / "vit_small.pth")
+    with pytest.raises(HistoseekError, match=r"blocks\.0\.attn\.qkv\.weight: file \(1152, 384\)"):
+        encoder.load_init(target, tmp_path / "vit_small.pth")
+    with pytest.raises(HistoseekError, match="does not exist"):
+        encoder.load_init(target, tmp_path / "missing.pth")
+
+
+def test_training_refuses_a_run_of_another_encoder_and_a_missing_dataset(synth_data, tmp_path):
+    with pytest.raises(HistoseekError, match="does not exist"):
+        train(_config(tmp_path / "nowhere", tmp_path / "x"))
+    with pytest.raises(HistoseekError, match="no items in split"):
+        train(_config(synth_data, tmp_path / "y", split="validation"))

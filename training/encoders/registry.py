@@ -1,0 +1,147 @@
+"""The encoder registry: one file per encoder registers itself here by name.
+
+An encoder is a recipe with presets. `build_backbone` gives the exportable network
+(normalised float NCHW in, `[N, D]` embedding out); `build_method` wraps it with
+whatever only training needs (heads, teachers, queues, losses), so the backbone exports
+as is, as in facebookresearch/dino. The `EncoderSpec` travels with the weights
+(`encoder.json`), into the Triton config and the index manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from histoseek.errors import HistoseekError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and optimisation settings of one training recipe."""
+
+    backbone: str
+    input_size: int
+    embedding_dim: int
+    batch_size: int
+    epochs: int
+    lr: float
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a consumer of the exported model needs to know; saved as encoder.json."""
+
+    name: str
+    method: str
+    preset: str
+    backbone: str
+    embedding_dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    output_kind: str = "embedding"  # "embedding": L2-normalised vector
+    labels: tuple[str, ...] = ()  # class names seen in training, when the method used them
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("mean", "std", "labels"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> "EncoderSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class TrainingMethod(nn.Module):
+    """A backbone plus its training-only parts; `loss` is one optimisation step's objective."""
+
+    backbone: nn.Module
+
+    def loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with training progress in [0, 1] (e.g. EMA)."""
+
+
+@dataclass(frozen=True)
+class Encoder:
+    name: str
+    method: str
+    presets: dict[str, Preset]
+    build_backbone: Callable[[Preset], nn.Module]
+    build_method: Callable[[nn.Module, Preset, int], TrainingMethod]  # (backbone, preset, n_classes)
+    train_transform: Callable[[Preset], Callable]  # PIL image -> list of view tensors
+    load_init: Callable[[nn.Module, Path], None]  # user's weights into the backbone
+    needs_labels: bool = False
+    output_kind: str = "embedding"
+
+    def spec(self, preset_name: str, labels: tuple[str, ...] = (), **overrides: Any) -> EncoderSpec:
+        preset = self.preset(preset_name)
+        return EncoderSpec(
+            name=self.name, method=self.method, preset=preset_name, backbone=preset.backbone,
+            embedding_dim=preset.embedding_dim, input_size=preset.input_size, mean=preset.mean,
+            std=preset.std, output_kind=self.output_kind, labels=labels, options=dict(preset.options),
+            **overrides,
+        )
+
+    def preset(self, name: str) -> Preset:
+        if name not in self.presets:
+            raise HistoseekError(f"encoder {self.name!r} has no preset {name!r}; choose from {sorted(self.presets)}")
+        return self.presets[name]
+
+
+_REGISTRY: dict[str, Encoder] = {}
+
+
+def register(encoder: Encoder) -> Encoder:
+    if encoder.name in _REGISTRY:
+        raise ValueError(f"encoder {encoder.name!r} registered twice")
+    _REGISTRY[encoder.name] = encoder
+    return encoder
+
+
+def get_encoder(name: str) -> Encoder:
+    _import_all()
+    if name not in _REGISTRY:
+        raise HistoseekError(f"unknown encoder {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_encoders() -> list[Encoder]:
+    _import_all()
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def _import_all() -> None:
+    # Importing the package's modules runs their `register(...)` calls; a new encoder is
+    # one new file in this folder and nothing else.
+    import importlib
+    import pkgutil
+
+    import training.encoders as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name != "registry":
+            importlib.import_module(f"training.encoders.{module.name}")

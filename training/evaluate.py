@@ -1,0 +1,65 @@
+"""`histoseek evaluate --checkpoint`: retrieval metrics of a PyTorch checkpoint.
+
+Images are embedded through the same contract graph the export produces (uint8 tiles
+from the client preprocessing, normalisation and L2 norm inside), then ranked by exact
+inner product, excluding the query's own group, and scored with histoseek.metrics.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from export.onnx_export import ContractModel
+from histoseek.dataset import Dataset, read_dataset
+from histoseek.imaging import load_model_input
+from histoseek.metrics import exact_neighbours, retrieval_metrics
+from training import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class _TileDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: Dataset, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(load_model_input(self.dataset.absolute(self.dataset.items[index]), self.size))
+
+
+@torch.no_grad()
+def embed_dataset(model: ContractModel, dataset: Dataset, size: int, batch_size: int = 64, workers: int = 2) -> np.ndarray:
+    loader = DataLoader(_TileDataset(dataset, size), batch_size=batch_size, num_workers=workers)
+    chunks = []
+    started = time.monotonic()
+    for batch in tqdm(loader, desc=f"embedding {dataset.root.name}", unit="batch", leave=False):
+        chunks.append(model(batch).numpy())
+    log.info("embedded %d images in %.1f s", len(dataset), time.monotonic() - started)
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | None, ks: list[int]) -> dict:
+    backbone, spec = checkpoint.load_backbone(checkpoint_dir)
+    model = ContractModel(backbone, spec).eval()
+    db = read_dataset(database)
+    db_emb = embed_dataset(model, db, spec.input_size)
+    if queries is None:  # leave-one-out: every item queries all the others
+        q, q_emb = db, db_emb
+    else:
+        q = read_dataset(queries)
+        q_emb = embed_dataset(model, q, spec.input_size)
+    neighbours = exact_neighbours(q_emb, [i.group for i in q.items], db_emb, [i.group for i in db.items], max(ks))
+    db_labels = [i.label for i in db.items]
+    ranked = [[db_labels[j] for j in row if j >= 0] for row in neighbours]
+    metrics = retrieval_metrics([i.label for i in q.items], ranked, ks)
+    return {"encoder": spec.name, "preset": spec.preset, "checkpoint": str(checkpoint_dir),
+            "database": str(database), "queries": str(queries) if queries else "leave-one-out",
+            "metrics": metrics}
