@@ -36,7 +36,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     report = prepare_dataset(args.format, args.src, args.out, tile=args.tile, stride=args.stride, resize=args.resize,
                              min_tissue=args.min_tissue, stain_norm=args.stain_norm)
-    print(report)
+    print(report.summary())
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -21,16 +21,22 @@ from histoseek.errors import HistoseekError
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
-    """Decode bytes to an RGB image, with a clear error for anything unusable."""
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    """Decode bytes to an RGB image, with a clear error for anything unusable.
+
+    `max_pixels=None` is for trusted local sources (large BACH/BRACS/CRC images being
+    tiled by `data prepare`): no pixel limit, Pillow's own bomb guard included.
+    """
     if not data:
         raise HistoseekError(f"{name} is empty: send a PNG, JPEG or TIFF file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Our own limit below replaces Pillow's warning; its hard error stays for
+            # untrusted input and is lifted only for trusted files.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open_trusted(data) if max_pixels is None else Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > max_pixels:
+            if max_pixels is not None and width * height > max_pixels:
                 raise HistoseekError(
                     f"{name} is {width}x{height} pixels, more than the limit of {max_pixels:,}; "
                     "tile large images first (histoseek data prepare)"
@@ -38,11 +44,20 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
             image.load()
     except HistoseekError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise HistoseekError(f"{name} is not a readable image ({exc}); send a PNG, JPEG or TIFF file") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise HistoseekError(f"{name} is corrupt or truncated ({exc}); re-export it and try again") from exc
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _open_trusted(data: bytes) -> Image.Image:
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # process-wide in Pillow; restored at once
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -63,7 +78,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     path = Path(path)
     try:
         data = path.read_bytes()
