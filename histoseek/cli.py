@@ -82,8 +82,7 @@ def cmd_triton(args: argparse.Namespace) -> None:
                             metrics_port=args.metrics_port, run_dir=args.run_dir)
         print(f"Triton ready: HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port} ({info})")
     elif args.action == "stop":
-        triton.stop(args.run_dir)
-        print("Triton stopped")
+        print("Triton stopped" if triton.stop(args.run_dir) else f"no Triton was running for {args.run_dir}")
     else:
         print(json.dumps(triton.status(args.run_dir), indent=2))
 
