@@ -87,6 +87,27 @@ def cmd_triton(args: argparse.Namespace) -> None:
         print(json.dumps(triton.status(args.run_dir), indent=2))
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from histoseek.imaging import load_model_input
+    from server.embedder import Embedder
+
+    embedder = Embedder(args.triton_url, args.model, protocol=args.protocol)
+    size = int(embedder.spec()["input_size"])
+    images = np.stack([load_model_input(path, size) for path in args.images])
+    embeddings = embedder.embed(images)
+    np.set_printoptions(precision=4, suppress=True, threshold=12, edgeitems=4)
+    for path, vector in zip(args.images, embeddings):
+        print(f"{path}: dim {vector.shape[0]}, norm {np.linalg.norm(vector):.4f}, {vector}")
+    if args.out:
+        from histoseek import atomic
+
+        with atomic.temporary_path(args.out) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, embeddings)
+
+
 def cmd_encoders(args: argparse.Namespace) -> None:
     from training.encoders.registry import list_encoders
 
@@ -160,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--run-dir", type=Path, default=Path("runs/triton"))
     p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("embed", help="embed images through the running Triton (prints the vectors)")
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--model", default="dino", help="Triton model name (the encoder's name)")
+    p.add_argument("--triton-url", default="localhost:8001")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--out", type=Path, help="also save the embeddings as a .npy file")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("encoders", help="list the registered encoders and their specs")
     p.set_defaults(func=cmd_encoders)
