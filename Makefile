@@ -29,7 +29,7 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 demo: setup
-	$(BIN)/histoseek quickstart --workdir $(DEMO_DIR)
+	$(BIN)/histoseek quickstart --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
 test: setup browser
 	$(BIN)/python -m pytest

@@ -60,7 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise HistoseekError("give --checkpoint DIR (PyTorch-side evaluation)")
     from training.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k)
+    result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k,
+                                 database_split=args.database_split, queries_split=args.queries_split)
     print(format_table(result["metrics"], args.k))
     if args.json:
         from histoseek import atomic
@@ -106,6 +107,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
         with atomic.temporary_path(args.out) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, embeddings)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from histoseek.quickstart import QuickstartConfig, run_quickstart
+
+    run_quickstart(QuickstartConfig(
+        workdir=args.workdir, encoder=args.encoder, train_minutes=args.train_minutes,
+        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
+        triton_metrics_port=args.triton_metrics_port, api_port=args.api_port, demo_port=args.demo_port,
+    ))
 
 
 def cmd_encoders(args: argparse.Namespace) -> None:
@@ -162,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--database", type=Path, required=True)
     p.add_argument("--queries", type=Path, help="query set (default: leave-one-out on the database)")
+    p.add_argument("--database-split", help="use only this split of the database folder")
+    p.add_argument("--queries-split", help="queries: this split (of --queries, else of --database)")
     p.add_argument("--k", type=_ks, default=[1, 5, 10])
     p.add_argument("--json", type=Path)
     p.set_defaults(func=cmd_evaluate)
@@ -189,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--out", type=Path, help="also save the embeddings as a .npy file")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
+    p.add_argument("--workdir", type=Path, default=Path("work/demo"))
+    p.add_argument("--encoder", default="dino")
+    p.add_argument("--train-minutes", type=float, default=3.0)
+    p.add_argument("--triton-http-port", type=int, default=8000)
+    p.add_argument("--triton-grpc-port", type=int, default=8001)
+    p.add_argument("--triton-metrics-port", type=int, default=8002)
+    p.add_argument("--api-port", type=int, default=8080)
+    p.add_argument("--demo-port", type=int, default=7860)
+    p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("encoders", help="list the registered encoders and their specs")
     p.set_defaults(func=cmd_encoders)

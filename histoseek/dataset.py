@@ -75,6 +75,18 @@ def read_dataset(root: Path | str) -> Dataset:
     return Dataset(root, items)
 
 
+def read_split(root: Path | str, split: str | None) -> Dataset:
+    """The dataset, or only its items of one split (an error when that split is empty)."""
+    dataset = read_dataset(root)
+    if split is None:
+        return dataset
+    subset = dataset.subset(split)
+    if not len(subset):
+        found = sorted({item.split for item in dataset.items})
+        raise HistoseekError(f"{root} has no items in split {split!r}; its splits are {found}")
+    return subset
+
+
 def _read_manifest(path: Path) -> list[DatasetItem]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from export.onnx_export import ContractModel
-from histoseek.dataset import Dataset, read_dataset
+from histoseek.dataset import Dataset, read_split
 from histoseek.imaging import load_model_input
 from histoseek.metrics import exact_neighbours, retrieval_metrics
 from training import checkpoint
@@ -46,15 +46,16 @@ def embed_dataset(model: ContractModel, dataset: Dataset, size: int, batch_size:
     return np.concatenate(chunks).astype(np.float32)
 
 
-def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | None, ks: list[int]) -> dict:
+def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | None, ks: list[int],
+                        database_split: str | None = None, queries_split: str | None = None) -> dict:
     backbone, spec = checkpoint.load_backbone(checkpoint_dir)
     model = ContractModel(backbone, spec).eval()
-    db = read_dataset(database)
+    db = read_split(database, database_split)
     db_emb = embed_dataset(model, db, spec.input_size)
-    if queries is None:  # leave-one-out: every item queries all the others
+    if queries is None and queries_split is None:  # leave-one-out: every item queries all the others
         q, q_emb = db, db_emb
     else:
-        q = read_dataset(queries)
+        q = read_split(queries or database, queries_split)
         q_emb = embed_dataset(model, q, spec.input_size)
     neighbours = exact_neighbours(q_emb, [i.group for i in q.items], db_emb, [i.group for i in db.items], max(ks))
     db_labels = [i.label for i in db.items]

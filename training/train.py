@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 from tqdm import tqdm
 
-from histoseek.dataset import Dataset, read_dataset
+from histoseek.dataset import Dataset, read_split
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image
 from training import checkpoint
@@ -105,11 +105,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     encoder = get_encoder(cfg.encoder)
     preset = encoder.preset(cfg.preset)
     out = Path(cfg.out)
-    dataset = read_dataset(cfg.data)
-    if cfg.split is not None:
-        dataset = dataset.subset(cfg.split)
-        if not len(dataset):
-            raise HistoseekError(f"{cfg.data} has no items in split {cfg.split!r}")
+    dataset = read_split(cfg.data, cfg.split)
     if encoder.needs_labels and len(dataset.labels) < 2:
         raise HistoseekError(f"encoder {cfg.encoder!r} learns from labels; {cfg.data} has fewer than two classes")
     epochs = cfg.epochs or preset.epochs

@@ -1,0 +1,140 @@
+"""`histoseek quickstart` (what `make demo` runs): the whole system on its own data.
+
+synthetic tiles -> a few minutes of `cpu`-preset DINO -> ONNX export -> Triton ->
+FAISS index -> search API -> Gradio demo; prints the URLs and stays up until Ctrl-C,
+which stops everything it started. Every stage is the documented `histoseek` command
+run as a subprocess, so the demo exercises exactly what the README tells users to run.
+Stages whose output already exists are skipped, so a second `make demo` is quick.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from histoseek.errors import HistoseekError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartConfig:
+    workdir: Path
+    encoder: str = "dino"
+    train_minutes: float = 3.0
+    classes: int = 6
+    per_class: int = 60
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    api_port: int = 8080
+    demo_port: int = 7860
+
+
+def _histoseek(*args: object) -> list[str]:
+    return [sys.executable, "-m", "histoseek.cli", *map(str, args)]
+
+
+def _run(*args: object) -> None:
+    log.info("$ histoseek %s", " ".join(map(str, args)))
+    if subprocess.run(_histoseek(*args)).returncode != 0:
+        raise HistoseekError(f"`histoseek {' '.join(map(str, args))}` failed (see above)")
+
+
+def _wait_http(url: str, what: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise HistoseekError(f"{what} exited with code {process.returncode} before it was ready (see above)")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise HistoseekError(f"{what} was not ready at {url} after {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen, what: str) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in 15 s; killing it", what)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _build_stages(cfg: QuickstartConfig) -> dict[str, Path]:
+    w = cfg.workdir
+    paths = {"data": w / "data", "checkpoint": w / "checkpoints" / cfg.encoder, "repo": w / "model_repository",
+             "indexes": w / "indexes", "triton_run": w / "run" / "triton"}
+    if not (paths["data"] / "manifest.csv").is_file():
+        _run("data", "synth", "--out", paths["data"], "--classes", cfg.classes, "--per-class", cfg.per_class)
+    if not (paths["checkpoint"] / "weights.safetensors").is_file():
+        _run("train", "--encoder", cfg.encoder, "--data", paths["data"], "--out", paths["checkpoint"],
+             "--max-minutes", cfg.train_minutes)
+    weights_time = (paths["checkpoint"] / "weights.safetensors").stat().st_mtime
+    versions = sorted(p for p in (paths["repo"] / cfg.encoder).glob("[0-9]*/model.onnx"))
+    if not versions or max(p.stat().st_mtime for p in versions) < weights_time:
+        _run("export", "--checkpoint", paths["checkpoint"], "--repo", paths["repo"])
+    return paths
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up exactly like Ctrl-C
+
+
+def run_quickstart(cfg: QuickstartConfig) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    paths = _build_stages(cfg)
+    triton_url = f"localhost:{cfg.triton_grpc_port}"
+    _run("triton", "start", "--repo", paths["repo"], "--run-dir", paths["triton_run"],
+         "--http-port", cfg.triton_http_port, "--grpc-port", cfg.triton_grpc_port,
+         "--metrics-port", cfg.triton_metrics_port)
+    processes: list[tuple[subprocess.Popen, str]] = []
+    try:
+        index = paths["indexes"] / "synthetic"
+        manifest = index / "manifest.json"
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("count", 0) == 0 or \
+                manifest.stat().st_mtime < (paths["checkpoint"] / "weights.safetensors").stat().st_mtime:
+            _run("index", "build", "--encoder", cfg.encoder, "--data", paths["data"], "--out", index,
+                 "--triton-url", triton_url)
+        api_url = f"http://127.0.0.1:{cfg.api_port}"
+        # Own sessions: Ctrl-C reaches only this process, which then stops them in order.
+        api = subprocess.Popen(_histoseek("serve", "--indexes", paths["indexes"], "--triton-url", triton_url,
+                                          "--port", cfg.api_port), start_new_session=True)
+        processes.append((api, "search API"))
+        _wait_http(f"{api_url}/readyz", "search API", api)
+        demo = subprocess.Popen(_histoseek("demo", "--api-url", api_url, "--port", cfg.demo_port),
+                                start_new_session=True)
+        processes.append((demo, "demo"))
+        demo_url = f"http://127.0.0.1:{cfg.demo_port}"
+        _wait_http(demo_url, "demo", demo)
+        print(f"\nHistoSeek is ready after {time.monotonic() - started:.0f} s\n"
+              f"  demo (browser):   {demo_url}\n"
+              f"  search API:       {api_url}  (OpenAPI docs: {api_url}/docs)\n"
+              f"  Triton:           HTTP localhost:{cfg.triton_http_port}, gRPC {triton_url}\n"
+              f"Press Ctrl-C to stop everything.", flush=True)
+        while all(p.poll() is None for p, _ in processes):
+            time.sleep(0.5)
+        dead = next(what for p, what in processes if p.poll() is not None)
+        raise HistoseekError(f"the {dead} stopped unexpectedly (see its output above)")
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+    finally:
+        for process, what in reversed(processes):
+            _stop(process, what)
+        subprocess.run(_histoseek("triton", "stop", "--run-dir", paths["triton_run"]))
