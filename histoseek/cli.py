@@ -56,12 +56,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from histoseek.metrics import format_table
 
-    if args.checkpoint is None:
-        raise HistoseekError("give --checkpoint DIR (PyTorch-side evaluation)")
-    from training.evaluate import evaluate_checkpoint
+    if (args.checkpoint is None) == (args.index is None):
+        raise HistoseekError("give either --checkpoint DIR --database DIR (PyTorch) or --index DIR --queries DIR "
+                             "(the served path: Triton + FAISS)")
+    if args.index is not None:
+        from server.evaluate_served import evaluate_index
 
-    result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k,
-                                 database_split=args.database_split, queries_split=args.queries_split)
+        if args.queries is None:
+            raise HistoseekError("--index needs --queries DIR: the images to search the index with")
+        result = evaluate_index(args.index, args.queries, args.k, args.triton_url, args.protocol)
+    else:
+        from training.evaluate import evaluate_checkpoint
+
+        if args.database is None:
+            raise HistoseekError("--checkpoint needs --database DIR")
+        result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k,
+                                     database_split=args.database_split, queries_split=args.queries_split)
     print(format_table(result["metrics"], args.k))
     if args.json:
         from histoseek import atomic
@@ -109,6 +119,39 @@ def cmd_embed(args: argparse.Namespace) -> None:
                 np.save(f, embeddings)
 
 
+def cmd_index(args: argparse.Namespace) -> None:
+    from server import index
+
+    if args.action == "build":
+        out = index.build_index(args.encoder, args.data, args.out, index_type=args.type, triton_url=args.triton_url,
+                                protocol=args.protocol, batch=args.batch)
+        print(f"index written to {out}")
+    elif args.action == "add":
+        if (args.data is None) == (not args.image):
+            raise HistoseekError("give either --data DIR (a dataset folder) or --image FILE… --label LABEL")
+        if args.image and not args.label:
+            raise HistoseekError("--image needs --label: the diagnosis stored with the new items")
+        ids = index.add_items(args.index, args.data or list(args.image), label=args.label, group=args.group,
+                              triton_url=args.triton_url, protocol=args.protocol)
+        print(f"added {len(ids)} items: ids {ids[0]}…{ids[-1]}" if ids else "added nothing")
+    elif args.action == "remove":
+        print(f"removed {index.remove_items(args.index, args.id)} of {len(args.id)} items")
+    else:
+        print(json.dumps(index.index_info(args.index), indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from server.app import serve
+
+    serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from demo.app import launch
+
+    launch(args.api_url, host=args.host, port=args.port)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from histoseek.quickstart import QuickstartConfig, run_quickstart
 
@@ -128,6 +171,11 @@ def cmd_encoders(args: argparse.Namespace) -> None:
             spec = encoder.spec(name)
             print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
                   f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
+
+
+def _triton_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--triton-url", default="localhost:8001", help="host:port of Triton (gRPC 8001, HTTP 8000)")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,14 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="precision@k, mAP@k, majority vote@k")
-    p.add_argument("--checkpoint", type=Path)
-    p.add_argument("--database", type=Path, required=True)
+    p = sub.add_parser("evaluate", help="precision@k, mAP@k, majority vote@k (PyTorch or served path)")
+    p.add_argument("--checkpoint", type=Path, help="evaluate a checkpoint in PyTorch (with --database)")
+    p.add_argument("--index", type=Path, help="evaluate the running system: this index + Triton (with --queries)")
+    p.add_argument("--database", type=Path)
     p.add_argument("--queries", type=Path, help="query set (default: leave-one-out on the database)")
     p.add_argument("--database-split", help="use only this split of the database folder")
     p.add_argument("--queries-split", help="queries: this split (of --queries, else of --database)")
     p.add_argument("--k", type=_ks, default=[1, 5, 10])
     p.add_argument("--json", type=Path)
+    _triton_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="checkpoint -> verified ONNX -> Triton model repository")
@@ -198,10 +248,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed images through the running Triton (prints the vectors)")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--model", default="dino", help="Triton model name (the encoder's name)")
-    p.add_argument("--triton-url", default="localhost:8001")
-    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--out", type=Path, help="also save the embeddings as a .npy file")
+    _triton_arguments(p)
     p.set_defaults(func=cmd_embed)
+
+    index = sub.add_parser("index", help="build and edit FAISS indexes").add_subparsers(dest="action", required=True)
+    p = index.add_parser("build", help="embed a dataset folder through Triton into a new index folder")
+    p.add_argument("--encoder", required=True, help="the Triton model (encoder) to embed with")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--type", choices=["flat", "hnsw", "ivfpq"], default="flat")
+    p.add_argument("--batch", type=int, default=32)
+    _triton_arguments(p)
+    p.set_defaults(func=cmd_index)
+    p = index.add_parser("add", help="add images to an index without a rebuild")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="a dataset folder (labels and groups from it)")
+    p.add_argument("--image", type=Path, action="append", help="an image file (repeatable)")
+    p.add_argument("--label", help="label of the --image files")
+    p.add_argument("--group", help="group (source image, slide, patient) of the --image files")
+    _triton_arguments(p)
+    p.set_defaults(func=cmd_index)
+    p = index.add_parser("remove", help="remove items by id")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--id", type=int, action="append", required=True)
+    p.set_defaults(func=cmd_index)
+    p = index.add_parser("info", help="encoder, model checksum, type, count, size on disk")
+    p.add_argument("--index", type=Path, required=True)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="the search API (FastAPI) over every index folder in --indexes")
+    p.add_argument("--indexes", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    _triton_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the Gradio demo in front of a running search API")
+    p.add_argument("--api-url", default="http://127.0.0.1:8080")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
