@@ -1,0 +1,127 @@
+"""The Gradio web demo: upload an H&E patch, see the k most similar indexed patches.
+
+It talks to the search API over HTTP only (`demo/client.py`) and fetches the result
+thumbnails server-side, so the browser needs to reach the demo and nothing else.
+Errors, the API being down included, are shown in the status box as plain sentences.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from demo.client import ApiError, Hit, SearchClient
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+# System fonts only: the default theme loads Google Fonts, which a hospital or offline
+# network may not reach (the page then waits on the font request).
+THEME = gr.themes.Default(primary_hue="pink", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "monospace"])
+# Gallery captions are cut to one line by default, which hides the similarity: let them wrap.
+CSS = """#results-gallery .caption-label { white-space: normal; max-width: none; left: var(--block-label-margin);
+  opacity: 0.9; }
+#status p { margin: 0; } #vote { font-size: 1.1em; }"""
+TIMING_STAGES = ("decode", "preprocess", "embed", "search", "total")
+_MISSING = Image.new("RGB", (64, 64), (200, 200, 200))  # stands in for a thumbnail that failed
+
+
+def caption(hit: Hit) -> str:
+    """`#3 tumour · similarity 0.93`, as shown under each gallery image."""
+    return f"#{hit.rank} {hit.label or 'unlabelled'} · similarity {hit.score:.2f}" + \
+        ("" if hit.image is not None else " (no thumbnail)")
+
+
+def vote_text(answer: dict) -> str:
+    results, vote = answer["results"], answer.get("vote") or {}
+    if not results:
+        return "No results."
+    if not vote.get("label"):
+        return "Majority vote: none (the results carry no labels)."
+    agreeing = sum(r.get("label") == vote["label"] for r in results)
+    return f"Majority vote: **{vote['label']}** ({agreeing}/{len(results)})"
+
+
+def timings_text(answer: dict, thumbnails_ms: float) -> str:
+    timings = answer.get("timings_ms") or {}
+    cells = [f"{timings[s]:.1f}" if isinstance(timings.get(s), (int, float)) else "–" for s in TIMING_STAGES]
+    return ("Search API timings (ms)\n\n| " + " | ".join(TIMING_STAGES) + " |\n|" + "---:|" * len(TIMING_STAGES)
+            + "\n| " + " | ".join(cells) + f" |\n\nThumbnails fetched by the demo in {thumbnails_ms:.0f} ms.")
+
+
+def _error(message: str, what: str = "Error") -> str:
+    return f"⚠️ **{what}:** {message}"
+
+
+def build_demo(api_url: str) -> gr.Blocks:
+    client = SearchClient(api_url)
+
+    def refresh_indexes(current: str | None):
+        try:
+            indexes = client.indexes()
+        except ApiError as exc:
+            return gr.Dropdown(choices=[], value=None), _error(str(exc), "Could not list the indexes")
+        choices = [(f"{i['name']} ({i.get('encoder', '?')}, {i.get('count', '?')} items)", i["name"])
+                   for i in indexes]
+        names = [name for _, name in choices]
+        value = current if current in names else (names[0] if names else None)
+        status = "" if names else _error("The search API has no indexes: build one with `histoseek index build`.")
+        return gr.Dropdown(choices=choices, value=value), status
+
+    def search(image: Image.Image | None, index: str | None, k: float):
+        empty = ([], "", "")
+        if image is None:
+            return *empty, _error("Upload an image or pick an example first.")
+        try:
+            if not index:  # the list was empty at page load (API down then?): ask again
+                names = [i["name"] for i in client.indexes()]
+                if not names:
+                    raise ApiError("The search API has no indexes: build one with `histoseek index build`.")
+                index = names[0]
+            answer = client.search(image, index, int(k))
+            started = time.perf_counter()
+            hits = client.thumbnails(answer["results"])
+            thumbnails_ms = (time.perf_counter() - started) * 1000
+            gallery = [(hit.image if hit.image is not None else _MISSING, caption(hit)) for hit in hits]
+            return (gallery, vote_text(answer), timings_text(answer, thumbnails_ms),
+                    f"{len(hits)} results from index `{index}`.")
+        except ApiError as exc:
+            return *empty, _error(str(exc), "Search failed")
+        except (KeyError, TypeError, ValueError) as exc:  # an answer that breaks the contract
+            return *empty, _error(f"the search API sent an answer the demo does not understand ({exc!r}).",
+                                  "Search failed")
+
+    with gr.Blocks(title="HistoSeek", analytics_enabled=False) as blocks:
+        gr.Markdown("# HistoSeek\nGive it an H&E patch and it finds the most similar patches of an indexed "
+                    "collection, with their labels, so similar cases can be compared side by side.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="pil", label="Query patch", sources=["upload", "clipboard"], height=260,
+                                 elem_id="query-image")
+                gr.Examples([[str(p)] for p in sorted(EXAMPLES_DIR.glob("*.png"))], inputs=image,
+                            label="Examples (synthetic H&E tiles)", elem_id="examples")
+                with gr.Row(equal_height=True):
+                    index = gr.Dropdown(label="Index", choices=[], scale=5, elem_id="index-dropdown")
+                    refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60, elem_id="refresh-indexes")
+                k = gr.Slider(1, 50, value=8, step=1, label="k (number of results)", elem_id="k-slider")
+                button = gr.Button("Search", variant="primary", elem_id="search-button")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Most similar patches", columns=4, height="auto", object_fit="cover",
+                                     interactive=False, elem_id="results-gallery")
+                vote = gr.Markdown(elem_id="vote")
+                timings = gr.Markdown(elem_id="timings")
+        blocks.load(refresh_indexes, inputs=index, outputs=[index, status])
+        refresh.click(refresh_indexes, inputs=index, outputs=[index, status])
+        button.click(search, inputs=[image, index, k], outputs=[gallery, vote, timings, status])
+    return blocks
+
+
+def launch(api_url: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
+    """Serve the demo; with block=False it returns at once (tests; stop it with `.close()`)."""
+    blocks = build_demo(api_url)
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=THEME, css=CSS,
+                  ssr_mode=False, allowed_paths=[str(EXAMPLES_DIR)], show_error=False, quiet=not block)
+    return blocks

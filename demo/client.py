@@ -1,0 +1,93 @@
+"""The demo's HTTP client for the search API (no torch, no `training/`: HTTP only).
+
+Every failure, the API being down included, becomes an `ApiError` whose message a
+person can read in the page; the demo never shows a stack trace.
+"""
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image
+
+from histoseek.errors import HistoseekError
+
+
+class ApiError(HistoseekError):
+    """The search API could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    id: str
+    score: float
+    label: str | None
+    image: Image.Image | None  # the thumbnail; None when it could not be fetched
+
+
+class SearchClient:
+    def __init__(self, api_url: str, timeout: float = 30.0):
+        self.api_url = api_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.api_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def indexes(self) -> list[dict]:
+        """`GET /v1/indexes`: one dict per index (name, encoder, type, count, dimension, labels)."""
+        return self._request("GET", "/v1/indexes").json()
+
+    def search(self, image: Image.Image, index: str, k: int) -> dict:
+        """`POST /v1/search`; the image goes as PNG so that it arrives with its exact pixels."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        files = {"image": ("query.png", buffer.getvalue(), "image/png")}
+        return self._request("POST", "/v1/search", files=files, data={"index": index, "k": str(k)}).json()
+
+    def thumbnails(self, results: list[dict]) -> list[Hit]:
+        """Fetch each result's thumbnail from the API (the browser may not reach the API itself)."""
+        with ThreadPoolExecutor(max_workers=8) as pool:  # keep-alive connections, fetched in parallel
+            images = list(pool.map(self._thumbnail, [r.get("image_url") for r in results]))
+        return [Hit(int(r["rank"]), str(r["id"]), float(r["score"]), r.get("label"), image)
+                for r, image in zip(results, images)]
+
+    def _thumbnail(self, url: str | None) -> Image.Image | None:
+        if not url:
+            return None
+        try:
+            response = self._request("GET", url)
+            image = Image.open(io.BytesIO(response.content))
+            image.load()
+            return image.convert("RGB")
+        except (ApiError, OSError):  # one missing thumbnail should not hide the other results
+            return None
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise ApiError(f"Cannot reach the search API at {self.api_url} (connection refused). "
+                           "Is `histoseek serve` running?") from None
+        except httpx.TimeoutException:
+            raise ApiError(f"The search API at {self.api_url} did not answer in time "
+                           f"({self._http.timeout.read:.0f} s).") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"Request to the search API at {self.api_url} failed: {exc}") from None
+        if response.is_error:
+            raise ApiError(f"The search API answered {response.status_code}: {_error_message(response)}")
+        return response
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        return str(body["error"])
+    if isinstance(body, dict) and body.get("detail"):  # FastAPI's own errors (e.g. a missing field)
+        return str(body["detail"])
+    return response.reason_phrase or "unknown error"
