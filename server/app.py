@@ -1,0 +1,345 @@
+"""The search API (FastAPI): every index folder under `indexes_dir`, embedded through Triton.
+
+Endpoints are plain `def` functions, so FastAPI runs them in its thread pool: decoding,
+FAISS search and Triton calls never block the event loop. Index and item names from
+URLs are only ever looked up among the indexes loaded at start, never joined to a path.
+Every error is JSON `{"error": "..."}` with a message a person can act on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from histoseek.errors import HistoseekError
+from histoseek.imaging import DEFAULT_MAX_PIXELS
+from server.embedder import Embedder, ModelNotFound, TritonUnavailable
+from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch
+from server.search import BadImage, ImageTooLarge, SearchCore
+from server.store import Item
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_upload_bytes: int = 20_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_k: int = 100
+    default_k: int = 10
+    triton_timeout_s: float = 30.0
+    model_check_interval_s: float = 5.0  # how stale the served-model check may be
+
+
+class Result(BaseModel):
+    rank: int
+    id: int
+    score: float  # inner product of L2-normalised embeddings: cosine similarity
+    label: str
+    group: str
+    source: str
+    image_url: str  # the item's stored thumbnail
+
+
+class Vote(BaseModel):
+    label: str  # majority label of the results (ties: the best-ranked)
+    share: float
+
+
+class SearchResponse(BaseModel):
+    index: str
+    k: int
+    results: list[Result]
+    vote: Vote
+    timings_ms: dict[str, float]  # decode, preprocess, embed, search, total
+
+
+class IndexSummary(BaseModel):
+    name: str
+    encoder: str
+    type: str
+    count: int
+    dimension: int
+    labels: list[str]
+    model_sha256: str | None
+
+
+class AddedItem(BaseModel):
+    index: str
+    id: int
+    label: str
+    group: str
+    image_url: str
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _status_of(exc: HistoseekError) -> int:
+    if isinstance(exc, BadImage):
+        return 400
+    if isinstance(exc, ImageTooLarge):
+        return 413
+    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch)):
+        return 503
+    return 500
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.3g} MB"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class Service:
+    """The loaded indexes, one Embedder per encoder, and the settings."""
+
+    def __init__(self, indexes_dir: Path, triton_url: str, protocol: str, settings: Settings):
+        if not indexes_dir.is_dir():
+            raise HistoseekError(f"the indexes folder {indexes_dir} does not exist; build an index into it "
+                                 f"with `histoseek index build --out {indexes_dir}/<name>`")
+        self.indexes_dir, self.settings = indexes_dir, settings
+        self.cores: dict[str, SearchCore] = {}
+        self.load_errors: dict[str, str] = {}
+        embedders: dict[str, Embedder] = {}
+        for path in sorted(p for p in indexes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (path / MANIFEST_FILE).is_file():
+                continue
+            try:
+                folder = IndexFolder(path)
+            except HistoseekError as exc:
+                log.error("cannot load index %s: %s", path, exc)
+                self.load_errors[path.name] = str(exc)
+                continue
+            encoder = folder.manifest["encoder"]
+            if encoder not in embedders:
+                embedders[encoder] = Embedder(triton_url, encoder, protocol, timeout=settings.triton_timeout_s)
+            self.cores[path.name] = SearchCore(folder, embedders[encoder], max_pixels=settings.max_pixels,
+                                               check_interval_s=settings.model_check_interval_s)
+
+    def core(self, name: str | None) -> SearchCore:
+        known = ", ".join(sorted(self.cores)) or "none"
+        if name is None or name == "":
+            if len(self.cores) == 1:
+                return next(iter(self.cores.values()))
+            raise ApiError(400, f"name the index to search (field `index`); loaded indexes: {known}")
+        if name not in self.cores:
+            raise ApiError(404, f"no index named {name!r}; loaded indexes: {known}")
+        return self.cores[name]
+
+    def read_upload(self, upload: UploadFile) -> bytes:
+        limit = self.settings.max_upload_bytes
+        data = upload.file.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, f"{upload.filename or 'the image'} is larger than {_megabytes(limit)}; "
+                                "send a smaller patch or tile the image first (histoseek data prepare)")
+        return data
+
+    def readiness(self) -> dict[str, str]:
+        """Problems by part ('index <name>' or 'indexes'); empty when everything is ready."""
+        problems = {f"index {name}": error for name, error in self.load_errors.items()}
+        if not self.cores and not self.load_errors:
+            problems["indexes"] = (f"no index folders in {self.indexes_dir}; build one with "
+                                   f"`histoseek index build --out {self.indexes_dir}/<name>`")
+        for name, core in self.cores.items():
+            try:
+                core.verify_model(force=True)
+                if not core.embedder.ready():
+                    raise TritonUnavailable(f"model {core.embedder.model!r} is not ready on Triton at "
+                                            f"{core.embedder.url}")
+            except HistoseekError as exc:
+                problems[f"index {name}"] = str(exc)
+        return problems
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _image_url(index: str, item_id: int) -> str:
+    return f"/v1/items/{quote(index, safe='')}/{item_id}/image"
+
+
+def _item_fields(item: Item) -> dict:
+    return {"label": item.label, "group": item.group, "source": item.source or item.path}
+
+
+def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> FastAPI:
+    service = Service(Path(indexes_dir), triton_url, protocol, settings or Settings())
+    app = FastAPI(title="HistoSeek search API", version="1",
+                  description="Content-based retrieval of histopathology image patches.")
+    app.state.service = service
+    _install_metrics(app, service.settings.max_upload_bytes)
+    _install_error_handlers(app)
+
+    @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)")
+    def search(image: UploadFile = File(...), index: str | None = Form(None), k: int | None = Form(None),
+               svc: Service = Depends(_service)) -> SearchResponse:
+        k = svc.settings.default_k if k is None else k
+        if not 1 <= k <= svc.settings.max_k:
+            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        core = svc.core(index)
+        outcome = core.search(svc.read_upload(image), k, name=image.filename or "image")
+        name = core.folder.name
+        for stage, ms in outcome.timings_ms.items():
+            app.state.stage_seconds.labels(stage).observe(ms / 1000)
+        return SearchResponse(
+            index=name, k=k,
+            results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
+                            image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
+            vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),
+            timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
+        )
+
+    @app.get("/v1/indexes", summary="The loaded indexes")
+    def indexes(svc: Service = Depends(_service)) -> list[IndexSummary]:
+        return [IndexSummary(name=name, encoder=core.folder.manifest["encoder"],
+                             type=core.folder.manifest["index_type"], count=core.folder.store.count(),
+                             dimension=core.folder.manifest["dimension"], labels=core.folder.store.labels(),
+                             model_sha256=core.folder.manifest["model_sha256"])
+                for name, core in svc.cores.items()]
+
+    @app.get("/v1/items/{index}/{item_id}/image", summary="An indexed item's stored thumbnail (JPEG)",
+             response_class=Response)
+    def item_image(index: str, item_id: int, svc: Service = Depends(_service)) -> Response:
+        thumbnail = svc.core(index).folder.store.thumbnail(item_id)
+        if thumbnail is None:
+            raise ApiError(404, f"index {index!r} has no item {item_id}")
+        return Response(thumbnail, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/v1/indexes/{index}/items", status_code=201, summary="Embed an image and add it to an index")
+    def add_item(index: str, image: UploadFile = File(...), label: str = Form(...), group: str | None = Form(None),
+                 svc: Service = Depends(_service)) -> AddedItem:
+        core = svc.core(index)
+        name = image.filename or "image"
+        embedding, thumbnail = core.prepare_item(svc.read_upload(image), name)
+        # Without a group the item is its own group, as every image of a folder-per-class dataset.
+        item = Item(-1, f"upload:{name}", label, group or f"upload:{time.time_ns()}", source=name)
+        (item_id,) = core.folder.add(embedding[None], [item], [thumbnail])
+        return AddedItem(index=index, id=item_id, label=label, group=item.group, image_url=_image_url(index, item_id))
+
+    @app.delete("/v1/indexes/{index}/items/{item_id}", summary="Remove an item from an index")
+    def delete_item(index: str, item_id: int, svc: Service = Depends(_service)) -> dict:
+        if not svc.core(index).folder.remove([item_id]):
+            raise ApiError(404, f"index {index!r} has no item {item_id}")
+        return {"index": index, "id": item_id, "deleted": True}
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Triton reachable, models ready and matching, indexes loaded")
+    def readyz(svc: Service = Depends(_service)) -> JSONResponse:
+        problems = svc.readiness()
+        if problems:
+            return JSONResponse({"ready": False, "error": "; ".join(f"{part}: {why}" for part, why in problems.items()),
+                                 "not_ready": problems}, status_code=503)
+        return JSONResponse({"ready": True, "indexes": sorted(svc.cores)})
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HistoseekError)
+    async def histoseek_error(request: Request, exc: HistoseekError) -> JSONResponse:
+        status = _status_of(exc)
+        if status == 500:
+            log.error("request %s failed: %s", request.url.path, exc)
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
+        return _error(422, "invalid request: " + "; ".join(problems) + " (see /docs)")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
+def _install_metrics(app: FastAPI, max_upload_bytes: int) -> None:
+    # An app-local registry: several apps (tests, workers) never share or clash on metrics.
+    registry = CollectorRegistry()
+    requests = Counter("histoseek_requests", "HTTP requests by endpoint and status",
+                       ["endpoint", "method", "status"], registry=registry)
+    latency = Histogram("histoseek_request_duration_seconds", "HTTP request latency",
+                        ["endpoint", "method"], registry=registry)
+    app.state.stage_seconds = Histogram(
+        "histoseek_search_stage_seconds", "Time per search stage (decode, preprocess, embed, search, total)",
+        ["stage"], registry=registry, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+    # Multipart overhead and the other form fields come on top of the image itself.
+    max_body = max_upload_bytes + 64 * 1024
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    class Middleware:
+        def __init__(self, app):
+            self.inner = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            started, status = time.perf_counter(), 500
+
+            async def record_status(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                length = dict(scope["headers"]).get(b"content-length", b"0")
+                if length.isdigit() and int(length) > max_body:
+                    # Refused before the body is read, so a huge upload costs nothing.
+                    await _error(413, f"the request is larger than {_megabytes(max_upload_bytes)}; "
+                                      "send a smaller image")(scope, receive, record_status)
+                else:
+                    await self.inner(scope, receive, record_status)
+            finally:
+                # The route template, not the raw path, keeps the label set small.
+                route = scope.get("route")
+                endpoint = getattr(route, "path", "unmatched")
+                requests.labels(endpoint, scope["method"], str(status)).inc()
+                latency.labels(endpoint, scope["method"]).observe(time.perf_counter() - started)
+
+    app.add_middleware(Middleware)
+
+
+def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str = "127.0.0.1", port: int = 8080,
+          settings: Settings | None = None) -> None:
+    """Run the API with uvicorn until interrupted (OpenAPI docs at /docs)."""
+    import faiss
+    import uvicorn
+
+    # Requests already run in parallel threads; OpenMP teams inside each search would
+    # oversubscribe the cores (and spin), so every search keeps to its own thread.
+    faiss.omp_set_num_threads(1)
+    app = create_app(indexes_dir, triton_url, protocol, settings)
+    log.info("serving %d indexes from %s on http://%s:%d (docs at /docs)",
+             len(app.state.service.cores), indexes_dir, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="info")

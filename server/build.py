@@ -1,0 +1,198 @@
+"""Embedding image files through Triton into index folders: `index build` and `index add`.
+
+A build is resumable: each finished batch (embeddings + thumbnails) is saved in a hidden
+folder next to the output, `.<out>.embedding/`, keyed by the served model's checksum and
+the dataset's item list. A rerun after an interruption reuses those batches and embeds
+only the rest; a different model or dataset starts over. The folder is removed once the
+index folder has been written (atomically, so a crash never leaves half an index).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from histoseek import atomic
+from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_dataset
+from histoseek.errors import HistoseekError
+from histoseek.imaging import load_image, resize_and_crop
+from server.embedder import Embedder
+from server.index import (FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_index_type, check_model,
+                          new_faiss_index)
+from server.store import Item, Store, thumbnail_jpeg
+
+log = logging.getLogger(__name__)
+_STATE = "state.json"
+
+
+def _prepare_file(path: Path, size: int) -> tuple[np.ndarray, bytes]:
+    image = load_image(path)
+    return resize_and_crop(image, size), thumbnail_jpeg(image)
+
+
+def _embed_batches(paths: list[Path], embedder: Embedder, batch: int, skip: set[int],
+                   progress: tqdm) -> Iterator[tuple[int, np.ndarray, list[bytes]]]:
+    """(batch number, embeddings, thumbnails) for every batch not in `skip`."""
+    size = int(embedder.spec()["input_size"])
+    todo = [(number, paths[start:start + batch])
+            for number, start in enumerate(range(0, len(paths), batch)) if number not in skip]
+    # The next batch is decoded (Pillow releases the GIL) while Triton embeds this one.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def decode(chunk: list[Path]) -> list[Future]:
+            return [pool.submit(_prepare_file, path, size) for path in chunk]
+
+        upcoming = decode(todo[0][1]) if todo else []
+        for position, (number, _) in enumerate(todo):
+            prepared = [future.result() for future in upcoming]
+            upcoming = decode(todo[position + 1][1]) if position + 1 < len(todo) else []
+            embeddings = embedder.embed(np.stack([model_input for model_input, _ in prepared]))
+            progress.update(len(prepared))
+            yield number, embeddings, [thumbnail for _, thumbnail in prepared]
+
+
+def _served_model(embedder: Embedder) -> tuple[str | None, int]:
+    return embedder.version_checksum(), int(embedder.spec()["embedding_dim"])
+
+
+def _served_version(embedder: Embedder) -> int | None:
+    # Embedder exposes only the checksum; the version number sits beside it in the same
+    # config parameters (export/triton_config.py), so read it from there.
+    version = embedder._parameters()[0].get("model_version")
+    return int(version) if version else None
+
+
+def _save_batch(path: Path, embeddings: np.ndarray, thumbnails: list[bytes]) -> None:
+    offsets = np.cumsum([0] + [len(t) for t in thumbnails]).astype(np.int64)
+    blob = np.frombuffer(b"".join(thumbnails), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=embeddings, offsets=offsets, thumbnails=blob)  # no pickle: arrays only
+    atomic.write_bytes(path, buffer.getvalue())
+
+
+def _load_batch(path: Path) -> tuple[np.ndarray, list[bytes]]:
+    with np.load(path) as batch:
+        offsets, blob = batch["offsets"], batch["thumbnails"].tobytes()
+        return batch["embeddings"], [blob[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _staging_for(out: Path, state: dict) -> Path:
+    """The resume folder for `state`; emptied when it belongs to another model or dataset."""
+    staging = out.parent / f".{out.name}.embedding"
+    try:
+        previous = json.loads((staging / _STATE).read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != state:
+        if previous is not None:
+            log.info("%s holds embeddings of another model or dataset; starting over", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        atomic.write_json(staging / _STATE, state)
+    return staging
+
+
+def _check_output(out: Path, data: Path) -> None:
+    """Refuse an `out` whose replacement (the build swaps in a whole new folder) destroys data."""
+    out, data = out.resolve(), data.resolve()
+    if out == data or out.is_relative_to(data) or data.is_relative_to(out):
+        raise HistoseekError(f"--out {out} must be outside the dataset folder {data} (and not contain it)")
+    if out.exists() and not out.is_dir():
+        raise HistoseekError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise HistoseekError(f"--out {out} already holds files and is not an index folder (no {MANIFEST_FILE}); "
+                             f"it would be replaced: choose a new folder, such as {out}/<name>")
+
+
+def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: str, protocol: str,
+          batch: int) -> Path:
+    if batch < 1:
+        raise HistoseekError(f"--batch must be at least 1, got {batch}")
+    dataset = read_dataset(data)
+    check_index_type(index_type, len(dataset))
+    _check_output(Path(out), Path(data))
+    embedder = Embedder(triton_url, encoder, protocol, batch_size=batch)
+    spec = embedder.spec()
+    sha256, dim = _served_model(embedder)
+    paths = [dataset.absolute(item).resolve() for item in dataset.items]
+    fingerprint = hashlib.sha256(json.dumps([[str(p), i.label, i.group] for p, i in zip(paths, dataset.items)])
+                                 .encode()).hexdigest()
+    staging = _staging_for(out, {"encoder": encoder, "model_sha256": sha256, "dimension": dim,
+                                 "items": fingerprint, "batch": batch})
+
+    done = {int(p.stem.split("_")[1]) for p in staging.glob("batch_*.npz")}
+    with tqdm(total=len(paths), initial=min(len(paths), len(done) * batch), unit="img",
+              desc=f"embedding {Path(data).name} with {encoder}") as progress:
+        for number, embeddings, thumbnails in _embed_batches(paths, embedder, batch, done, progress):
+            _save_batch(staging / f"batch_{number:06d}.npz", embeddings, thumbnails)
+    if _served_model(embedder)[0] != sha256:
+        # Triton loaded another version mid-build; the saved batches say which model made
+        # them, so the rerun starts over instead of mixing two models' embeddings.
+        raise HistoseekError(f"Triton's model {encoder!r} changed while the index was being built; "
+                             "run the build again")
+
+    embeddings, thumbnails = [], []
+    for number in range(-(-len(paths) // batch)):
+        part, thumbs = _load_batch(staging / f"batch_{number:06d}.npz")
+        embeddings.append(part)
+        thumbnails.extend(thumbs)
+    vectors = np.ascontiguousarray(np.concatenate(embeddings), dtype=np.float32)
+    faiss_index, params = new_faiss_index(index_type, dim, vectors)
+    faiss_index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    items = [_item(i, str(path), entry) for i, (path, entry) in enumerate(zip(paths, dataset.items))]
+
+    with atomic.staged_directory(out) as folder:
+        Store.create(folder / STORE_FILE).insert(items, thumbnails)
+        faiss.write_index(faiss_index, str(folder / FAISS_FILE))
+        atomic.write_json(folder / MANIFEST_FILE, {
+            "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": _served_version(embedder),
+            "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
+            "index_type": index_type, "index_params": params, "count": len(items),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(Path(data).resolve()),
+        })
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s: %d items, %s index", out, len(items), index_type)
+    return out
+
+
+def _item(item_id: int, path: str, entry: DatasetItem) -> Item:
+    return Item(item_id, path, entry.label, entry.group, entry.split, entry.x, entry.y, entry.source)
+
+
+def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | None, group: str | None,
+              triton_url: str, protocol: str, batch: int) -> list[int]:
+    """Embed a dataset folder or labelled image files and add them to `folder`."""
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        dataset = read_dataset(source)
+        entries = [(dataset.absolute(i).resolve(), i) for i in dataset.items]
+    else:
+        files = [Path(p) for p in ([source] if isinstance(source, (str, Path)) else source)]
+        if not label:
+            raise HistoseekError("images added one by one need a label (--label); a dataset folder brings its own")
+        unreadable = [str(p) for p in files if not is_image_file(p)]
+        if unreadable:
+            raise HistoseekError(f"missing or not image files ({', '.join(sorted(IMAGE_SUFFIXES))}): "
+                                 f"{', '.join(unreadable)}")
+        # Without a group each image is its own, as in a folder-per-class dataset.
+        entries = [(p.resolve(), DatasetItem(str(p), label, group or str(p.resolve()), source=str(p)))
+                   for p in files]
+    embedder = Embedder(triton_url, folder.manifest["encoder"], protocol, batch_size=batch)
+    check_model(folder.manifest, folder.name, *_served_model(embedder))
+    paths = [path for path, _ in entries]
+    embeddings, thumbnails = [], []
+    with tqdm(total=len(paths), unit="img", desc=f"embedding for {folder.name}") as progress:
+        for _, part, thumbs in _embed_batches(paths, embedder, batch, set(), progress):
+            embeddings.append(part)
+            thumbnails.extend(thumbs)
+    items = [_item(-1, str(path), entry) for path, entry in entries]
+    return folder.add(np.concatenate(embeddings), items, thumbnails)
+

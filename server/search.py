@@ -1,0 +1,124 @@
+"""The search core: image bytes -> decode -> preprocess -> Triton embedding -> FAISS search.
+
+The API (server/app.py) and the served-path evaluation (server/evaluate_served.py) both
+go through `SearchCore`, so what is evaluated is exactly what is served. The core also
+guards the pairing of index and model: it refuses to embed with a served model whose
+checksum or dimension differs from the index's (checked again every few seconds, as
+Triton can load a new version while the API runs).
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from histoseek.errors import HistoseekError
+from histoseek.imaging import DEFAULT_MAX_PIXELS, decode_image, resize_and_crop
+from histoseek.metrics import majority_label
+from server.embedder import Embedder
+from server.index import Hit, IndexFolder, ModelMismatch, check_model
+from server.store import thumbnail_jpeg
+
+
+class BadImage(HistoseekError):
+    """The upload is not a readable image."""
+
+
+class ImageTooLarge(HistoseekError):
+    """The upload has more pixels than the server accepts."""
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    hits: list[Hit]
+    vote: tuple[str, float]  # majority label of the hits and its share
+    timings_ms: dict[str, float]
+
+
+def _pixels(data: bytes) -> float:
+    """Pixel count from the image header alone; inf for a decompression bomb, 0 if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.size[0] * probe.size[1]
+    except Image.DecompressionBombError:
+        return float("inf")
+    except Exception:  # any unreadable header: decode_image's own message stands
+        return 0
+
+
+class SearchCore:
+    """One index folder paired with the Triton model that embeds its queries."""
+
+    def __init__(self, folder: IndexFolder, embedder: Embedder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 check_interval_s: float = 5.0):
+        self.folder, self.embedder = folder, embedder
+        self.max_pixels, self.check_interval_s = max_pixels, check_interval_s
+        self._checked: tuple[float, str | None, Exception | None] | None = None
+        self._check_lock = threading.Lock()
+
+    def verify_model(self, force: bool = False) -> None:
+        """Raise ModelMismatch or TritonUnavailable unless the served model is the index's."""
+        manifest = self.folder.manifest
+        checked = self._checked
+        fresh = (checked is not None and checked[1] == manifest["model_sha256"]
+                 and time.monotonic() - checked[0] < self.check_interval_s)
+        if force or not fresh:
+            with self._check_lock:
+                # TritonUnavailable propagates uncached: the next request tries again.
+                dim = int(self.embedder.spec()["embedding_dim"])
+                try:
+                    check_model(manifest, self.folder.name, self.embedder.version_checksum(), dim)
+                    error = None
+                except ModelMismatch as exc:
+                    error = exc
+                self._checked = checked = (time.monotonic(), manifest["model_sha256"], error)
+        if checked[2] is not None:
+            raise checked[2]
+
+    def decode(self, data: bytes, name: str = "image") -> Image.Image:
+        try:
+            return decode_image(data, max_pixels=self.max_pixels, name=name)
+        except HistoseekError as exc:
+            pixels = _pixels(data)
+            if pixels > self.max_pixels:
+                raise ImageTooLarge(
+                    str(exc) if pixels != float("inf") else
+                    f"{name} has more than {self.max_pixels:,} pixels; tile large images first (histoseek data prepare)"
+                ) from None
+            raise BadImage(str(exc)) from None
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return resize_and_crop(image, int(self.embedder.spec()["input_size"]))
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        self.verify_model()
+        return self.embedder.embed(images)
+
+    def search(self, data: bytes, k: int, name: str = "image") -> SearchOutcome:
+        """Search with one uploaded image; timings of each stage in milliseconds."""
+        marks = [time.perf_counter()]
+        image = self.decode(data, name)
+        marks.append(time.perf_counter())
+        model_input = self.preprocess(image)
+        marks.append(time.perf_counter())
+        embedding = self.embed(model_input[None])
+        marks.append(time.perf_counter())
+        hits = self.folder.search(embedding, k)[0]
+        marks.append(time.perf_counter())
+        stages = ("decode", "preprocess", "embed", "search")
+        timings = {stage: (b - a) * 1000 for stage, a, b in zip(stages, marks, marks[1:])}
+        timings["total"] = (marks[-1] - marks[0]) * 1000
+        return SearchOutcome(hits, majority_label([h.item.label for h in hits]), timings)
+
+    def search_batch(self, images: np.ndarray, k: int, exclude_groups: list[str] | None = None) -> list[list[Hit]]:
+        """Search with preprocessed images (uint8 [N, S, S, 3]), skipping each query's group."""
+        return self.folder.search(self.embed(images), k, exclude_groups)
+
+    def prepare_item(self, data: bytes, name: str = "image") -> tuple[np.ndarray, bytes]:
+        """The embedding and stored thumbnail of an image to add to the index."""
+        image = self.decode(data, name)
+        return self.embed(self.preprocess(image)[None])[0], thumbnail_jpeg(image)

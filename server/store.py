@@ -1,0 +1,164 @@
+"""items.sqlite: what an index knows about each vector (source, label, group, thumbnail).
+
+The store is the truth about which items exist: a vector in index.faiss without a row
+here is never returned (see server/index.py for why such vectors can exist).
+
+Each thread keeps its own connection (sqlite connections cannot be shared between the
+API's worker threads, and opening one costs ~0.4 ms, more than a small search), and
+reopens it when the file was replaced by a rebuild. The journal stays the default
+rollback one, not WAL: writes are rare and short, and the folder then holds only its own
+files, so it can be copied whenever no write is running.
+
+The `meta` table holds `build_id` (new for every build) and `generation` (bumped by every
+commit), so a reader learns with one tiny query whether its in-memory FAISS index is stale.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+import threading
+import uuid
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+THUMBNAIL_PX = 128
+
+_SCHEMA = """
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    label TEXT NOT NULL,
+    "group" TEXT NOT NULL,
+    split TEXT NOT NULL DEFAULT '',
+    x INTEGER NOT NULL DEFAULT 0,
+    y INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT '',
+    thumbnail BLOB NOT NULL
+);
+CREATE INDEX items_group ON items("group");
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_COLUMNS = 'id, path, label, "group", split, x, y, source'
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    path: str  # where the image was read from when it was indexed
+    label: str
+    group: str  # source image, slide or patient: never matched against itself
+    split: str = ""
+    x: int = 0
+    y: int = 0
+    source: str = ""
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_PX) -> bytes:
+    """A small JPEG kept in the store, so item images are served even if originals move."""
+    small = image.convert("RGB")
+    small.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+
+    @classmethod
+    def create(cls, path: Path) -> "Store":
+        with closing(sqlite3.connect(path)) as conn, conn:
+            conn.executescript(_SCHEMA)
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("build_id", uuid.uuid4().hex), ("generation", "0"), ("next_id", "0")],
+            )
+        return cls(path)
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, reopened if the file was replaced since (an open file
+        keeps its inode, so a new file never has the old one's)."""
+        inode = os.stat(self.path).st_ino
+        cached = getattr(self._local, "connection", None)
+        if cached is None or cached[0] != inode:
+            if cached is not None:
+                cached[1].close()
+            # mode=rw: a missing file is an error, never silently a new empty database.
+            cached = (inode, sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30))
+            self._local.connection = cached
+        return cached[1]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic commit that also bumps the generation readers watch."""
+        conn = self._connection()
+        with conn:  # commits, or rolls back on an exception
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def signature(self) -> tuple[str, int]:
+        """(build_id, generation): changes whenever the folder's content may have changed."""
+        meta = dict(self._connection().execute(
+            "SELECT key, value FROM meta WHERE key IN ('build_id', 'generation')"))
+        return meta["build_id"], int(meta["generation"])
+
+    def next_id(self) -> int:
+        """The first id never handed out (ids of removed items are not reused)."""
+        conn = self._connection()
+        stored = int(conn.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()[0])
+        highest = conn.execute("SELECT MAX(id) FROM items").fetchone()[0]
+        return max(stored, -1 if highest is None else highest + 1)
+
+    def insert(self, items: list[Item], thumbnails: list[bytes]) -> None:
+        rows = [(i.id, i.path, i.label, i.group, i.split, i.x, i.y, i.source, t) for i, t in zip(items, thumbnails)]
+        with self._transaction() as conn:
+            conn.executemany(f"INSERT INTO items ({_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            if items:
+                conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'",
+                             (max(i.id for i in items) + 1,))
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove rows; returns how many existed."""
+        with self._transaction() as conn:
+            before = conn.total_changes
+            conn.executemany("DELETE FROM items WHERE id = ?", [(int(i),) for i in ids])
+            return conn.total_changes - before
+
+    def lookup(self, ids: Iterable[int]) -> dict[int, Item]:
+        ids = sorted({int(i) for i in ids})
+        conn, found = self._connection(), {}
+        # SQLite allows 32766 parameters per statement; stay well below.
+        for start in range(0, len(ids), 5000):
+            chunk = ids[start:start + 5000]
+            query = f"SELECT {_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update((row[0], Item(*row)) for row in conn.execute(query, chunk))
+        return found
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        row = self._connection().execute("SELECT thumbnail FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def ids(self) -> np.ndarray:
+        rows = self._connection().execute("SELECT id FROM items")
+        return np.array([row[0] for row in rows], dtype=np.int64)
+
+    def count(self) -> int:
+        return int(self._connection().execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def labels(self) -> list[str]:
+        return [row[0] for row in self._connection().execute("SELECT DISTINCT label FROM items ORDER BY label")]
+
+    def largest_group(self) -> int:
+        """Items in the biggest group: how far a search must over-fetch to skip one group."""
+        row = self._connection().execute(
+            'SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM items GROUP BY "group")').fetchone()
+        return int(row[0] or 0)
