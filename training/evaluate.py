@@ -32,7 +32,8 @@ class _TileDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(load_model_input(self.dataset.absolute(self.dataset.items[index]), self.size))
+        # PIL hands out read-only arrays; torch wants its own writable copy.
+        return torch.from_numpy(load_model_input(self.dataset.absolute(self.dataset.items[index]), self.size).copy())
 
 
 @torch.no_grad()

@@ -75,13 +75,12 @@ def multi_crop(
     global_scale: tuple[float, float] = (0.4, 1.0),
     local_scale: tuple[float, float] = (0.1, 0.4),
     hed_strength: float = 0.05,
+    color_jitter: float = 0.2,
 ) -> MultiViewTransform:
     """Two global views then `n_local` small local views, as in DINO and SwAV."""
-    views = [histology_view(global_size, global_scale, mean, std, hed_strength=hed_strength) for _ in range(2)]
-    views += [
-        histology_view(local_size, local_scale, mean, std, hed_strength=hed_strength, blur_prob=0.2)
-        for _ in range(n_local)
-    ]
+    colour = dict(hed_strength=hed_strength, color_jitter=color_jitter)
+    views = [histology_view(global_size, global_scale, mean, std, **colour) for _ in range(2)]
+    views += [histology_view(local_size, local_scale, mean, std, blur_prob=0.2, **colour) for _ in range(n_local)]
     return MultiViewTransform(views)
 
 

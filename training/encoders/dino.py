@@ -35,7 +35,8 @@ PRESETS = {
         # Mean-pooled patch tokens: after minutes of training they hold more texture than CLS.
         options=dict(patch_size=8, stem="conv", depth=6, global_pool="avg", local_size=32, n_local=4, out_dim=2048,
                      hidden_dim=512, bottleneck_dim=128, teacher_temp=0.04, warmup_teacher_temp=0.04,
-                     teacher_temp_warmup=0.3, momentum=0.99, weight_decay_end=0.1),
+                     teacher_temp_warmup=0.3, momentum=0.99, weight_decay_end=0.1,
+                     hed_strength=0.05, color_jitter=0.2),
     ),
     # The paper's ViT-S/16 recipe (Table 8 and Appendix of the DINO paper).
     "paper": Preset(
@@ -43,7 +44,8 @@ PRESETS = {
         lr=5e-4, weight_decay=0.04, warmup_epochs=10,
         options=dict(patch_size=16, stem="patch", depth=12, global_pool="token", local_size=96, n_local=6, out_dim=65536, hidden_dim=2048,
                      bottleneck_dim=256, teacher_temp=0.07, warmup_teacher_temp=0.04,
-                     teacher_temp_warmup=0.3, momentum=0.996, weight_decay_end=0.4),
+                     teacher_temp_warmup=0.3, momentum=0.996, weight_decay_end=0.4,
+                     hed_strength=0.05, color_jitter=0.2),
     ),
 }
 
@@ -108,7 +110,8 @@ class DINOMethod(TrainingMethod):
 
 def train_transform(preset: Preset):
     o = preset.options
-    return multi_crop(preset.input_size, o["local_size"], o["n_local"], preset.mean, preset.std)
+    return multi_crop(preset.input_size, o["local_size"], o["n_local"], preset.mean, preset.std,
+                      hed_strength=o["hed_strength"], color_jitter=o["color_jitter"])
 
 
 def load_init(backbone: nn.Module, path: Path) -> None:
