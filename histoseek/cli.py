@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss reports at INFO that it fell back from its AVX2 build: noise for users.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         args.func(args)
     except HistoseekError as exc:
