@@ -97,6 +97,9 @@ def _interrupt(signum, frame) -> None:
 
 def run_quickstart(cfg: QuickstartConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C must stop everything even when started from a shell that ignores SIGINT in
+    # background jobs (Python then installs no KeyboardInterrupt handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     paths = _build_stages(cfg)
