@@ -64,13 +64,6 @@ def _served_model(embedder: Embedder) -> tuple[str | None, int]:
     return embedder.version_checksum(), int(embedder.spec()["embedding_dim"])
 
 
-def _served_version(embedder: Embedder) -> int | None:
-    # Embedder exposes only the checksum; the version number sits beside it in the same
-    # config parameters (export/triton_config.py), so read it from there.
-    version = embedder._parameters()[0].get("model_version")
-    return int(version) if version else None
-
-
 def _save_batch(path: Path, embeddings: np.ndarray, thumbnails: list[bytes]) -> None:
     offsets = np.cumsum([0] + [len(t) for t in thumbnails]).astype(np.int64)
     blob = np.frombuffer(b"".join(thumbnails), dtype=np.uint8)
@@ -154,7 +147,7 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
         Store.create(folder / STORE_FILE).insert(items, thumbnails)
         faiss.write_index(faiss_index, str(folder / FAISS_FILE))
         atomic.write_json(folder / MANIFEST_FILE, {
-            "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": _served_version(embedder),
+            "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
             "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
             "index_type": index_type, "index_params": params, "count": len(items),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(Path(data).resolve()),

@@ -159,6 +159,11 @@ class Embedder:
         so a long-running client notices a newly loaded version."""
         return self._parameters()[0].get("model_sha256")
 
+    def version_number(self) -> int | None:
+        """The model-repository version served now (config parameter `model_version`)."""
+        version = self._parameters()[0].get("model_version")
+        return int(version) if version else None
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Embed uint8 RGB images [N, S, S, 3]; float32 [N, D], in batches of batch_size."""
         spec = self.spec()

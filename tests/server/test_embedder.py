@@ -58,6 +58,7 @@ def test_spec_and_checksum_come_from_the_server(triton_server, triton_repo, serv
     embedder = Embedder(url(triton_server, protocol), "tiny", protocol)
     assert embedder.spec() == served_specs["tiny"]
     assert embedder.version_checksum() == model_checksum(triton_repo / "tiny" / "1")
+    assert embedder.version_number() == 1
 
 
 @pytest.mark.slow
