@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,13 +58,19 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def load_into(backbone: nn.Module, path: Path, adapt: dict | None = None) -> None:
+def load_into(backbone: nn.Module, path: Path, adapt: dict | None = None,
+              rename: Callable[[str], str] | None = None, optional: Callable[[str], bool] | None = None) -> None:
     """Load weights into `backbone`; head keys are ignored, any other mismatch is an error.
 
     `adapt` maps a key to a function (tensor, target tensor) -> tensor, for weights whose
     shape legitimately depends on the input size (e.g. a ViT's position embedding).
+    `rename` maps the file's key names onto the backbone's (other libraries' layouts);
+    `optional(key)` marks backbone parameters that pretrained files cannot have (modules
+    this project adds, e.g. attention blocks) and that keep their fresh initialisation.
     """
     state = read_state_dict(path)
+    if rename:
+        state = {rename(k): v for k, v in state.items()}
     target = backbone.state_dict()
     usable, mismatched = {}, []
     for key, value in state.items():
@@ -75,7 +82,8 @@ def load_into(backbone: nn.Module, path: Path, adapt: dict | None = None) -> Non
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target[key].shape)}")
             continue
         usable[key] = value
-    missing = [k for k in target if k not in usable and not k.startswith(_HEAD_PREFIXES)]
+    missing = [k for k in target if k not in usable and not k.startswith(_HEAD_PREFIXES)
+               and not (optional and optional(k))]
     unexpected = [k for k in state if k not in target and not k.startswith(_HEAD_PREFIXES)]
     if mismatched or missing:
         lines = mismatched + [f"{k}: missing from the file" for k in missing[:20]]

@@ -100,14 +100,26 @@ def _lr_factor(progress: float, warmup: float) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def _require_labels(name: str, data: str, dataset: Dataset) -> None:
+    unlabelled = [item.path for item in dataset.items if not item.label.strip()]
+    if unlabelled:
+        raise HistoseekError(
+            f"encoder {name!r} learns from labels, but {len(unlabelled)} images in {data} have none "
+            f"(e.g. {unlabelled[0]}); give every image a class (folder per class, or the manifest's label "
+            "column) or choose a self-supervised encoder (`histoseek encoders`)")
+    if len(dataset.labels) < 2:
+        raise HistoseekError(f"encoder {name!r} learns from labels; {data} has fewer than two classes "
+                             f"({', '.join(dataset.labels) or 'none'})")
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train and write the checkpoint folder; `on_step(step)` is a hook called after each step."""
     encoder = get_encoder(cfg.encoder)
     preset = encoder.preset(cfg.preset)
     out = Path(cfg.out)
     dataset = read_split(cfg.data, cfg.split)
-    if encoder.needs_labels and len(dataset.labels) < 2:
-        raise HistoseekError(f"encoder {cfg.encoder!r} learns from labels; {cfg.data} has fewer than two classes")
+    if encoder.needs_labels:
+        _require_labels(cfg.encoder, cfg.data, dataset)
     epochs = cfg.epochs or preset.epochs
     batch_size = min(cfg.batch_size or preset.batch_size, len(dataset))
     steps_per_epoch = len(dataset) // batch_size  # drop_last: losses need full batches
@@ -118,7 +130,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     backbone = encoder.build_backbone(preset)
     if cfg.init:
         encoder.load_init(backbone, Path(cfg.init))
-    method = encoder.build_method(backbone, preset, len(dataset.labels))
+    method = encoder.build_method(backbone, preset, tuple(dataset.labels))
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
 

@@ -84,6 +84,8 @@ def multi_crop(
     return MultiViewTransform(views)
 
 
-def two_views(size: int, mean, std, scale=(0.2, 1.0), hed_strength: float = 0.05) -> MultiViewTransform:
+def two_views(size: int, mean, std, scale=(0.2, 1.0), hed_strength: float = 0.05,
+              color_jitter: float = 0.2) -> MultiViewTransform:
     """Two global views, as in SimCLR, Barlow Twins and NNCLR."""
-    return MultiViewTransform([histology_view(size, scale, mean, std, hed_strength=hed_strength) for _ in range(2)])
+    colour = dict(hed_strength=hed_strength, color_jitter=color_jitter)
+    return MultiViewTransform([histology_view(size, scale, mean, std, **colour) for _ in range(2)])

@@ -36,7 +36,7 @@ def test_training_loss_is_finite_and_reaches_the_backbone(name):
     preset = encoder.preset("cpu")
     torch.manual_seed(0)
     backbone = encoder.build_backbone(preset)
-    method = encoder.build_method(backbone, preset, 3)
+    method = encoder.build_method(backbone, preset, ("a", "b", "c"))
     image = Image.new("RGB", (96, 96), (200, 120, 170))
     transform = encoder.train_transform(preset)
     samples = [transform(image) for _ in range(4)]
@@ -61,7 +61,7 @@ def test_unknown_encoder_and_preset_give_clear_errors():
 def test_dino_teacher_follows_student_by_momentum():
     encoder = get_encoder("dino")
     preset = encoder.preset("cpu")
-    method = encoder.build_method(encoder.build_backbone(preset), preset, 0)
+    method = encoder.build_method(encoder.build_backbone(preset), preset, ())
     with torch.no_grad():
         for p in method.backbone.parameters():
             p.add_(1.0)

@@ -124,6 +124,6 @@ def load_init(backbone: nn.Module, path: Path) -> None:
 
 register(Encoder(
     name="dino", method="DINO self-distillation (Caron et al. 2021)", presets=PRESETS,
-    build_backbone=build_backbone, build_method=lambda b, p, n: DINOMethod(b, p),
+    build_backbone=build_backbone, build_method=lambda backbone, preset, labels: DINOMethod(backbone, preset),
     train_transform=train_transform, load_init=load_init,
 ))

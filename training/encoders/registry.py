@@ -91,7 +91,7 @@ class Encoder:
     method: str
     presets: dict[str, Preset]
     build_backbone: Callable[[Preset], nn.Module]
-    build_method: Callable[[nn.Module, Preset, int], TrainingMethod]  # (backbone, preset, n_classes)
+    build_method: Callable[[nn.Module, Preset, tuple[str, ...]], TrainingMethod]  # (backbone, preset, class names)
     train_transform: Callable[[Preset], Callable]  # PIL image -> list of view tensors
     load_init: Callable[[nn.Module, Path], None]  # user's weights into the backbone
     needs_labels: bool = False
