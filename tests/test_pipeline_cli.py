@@ -52,4 +52,6 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     listing = histoseek("encoders").stdout
-    assert "dino" in listing and "input=64px" in listing
+    for name in ("dino", "simclr", "nnclr", "barlowtwins", "swav", "dml", "clip"):
+        assert f"{name}: " in listing
+    assert "input=64px" in listing and "labels=required" in listing

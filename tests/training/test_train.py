@@ -75,3 +75,28 @@ def test_training_refuses_a_run_of_another_encoder_and_a_missing_dataset(synth_d
         train(_config(tmp_path / "nowhere", tmp_path / "x"))
     with pytest.raises(HistoseekError, match="no items in split"):
         train(_config(synth_data, tmp_path / "y", split="validation"))
+
+
+@pytest.mark.parametrize("name", ["dml", "clip"])
+def test_label_learning_encoders_refuse_unlabelled_data(name, synth_data, tmp_path):
+    import csv
+
+    from histoseek.dataset import read_dataset
+
+    dataset = read_dataset(synth_data)
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    with open(unlabelled / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", "x", "y", "source"])
+        writer.writeheader()
+        for item in dataset.items:
+            writer.writerow({"path": str(dataset.absolute(item)), "label": "", "group": item.group, "split": "",
+                             "x": 0, "y": 0, "source": item.path})
+    with pytest.raises(HistoseekError, match=f"encoder '{name}' learns from labels.*have none"):
+        train(TrainConfig(encoder=name, data=str(unlabelled), out=str(tmp_path / "out"), epochs=1, workers=0))
+    single = tmp_path / "one_class"
+    (single / "tumour").mkdir(parents=True)
+    for item in dataset.items[:4]:
+        (single / "tumour" / dataset.absolute(item).name).write_bytes(dataset.absolute(item).read_bytes())
+    with pytest.raises(HistoseekError, match="fewer than two classes"):
+        train(TrainConfig(encoder=name, data=str(single), out=str(tmp_path / "out1"), epochs=1, workers=0))
