@@ -5,6 +5,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from export.onnx_export import export_onnx
 from export.repository import write_model_version
 from export.verify import sample_images, verify_onnx
@@ -28,6 +30,11 @@ def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, v
         onnx_path = export_onnx(backbone, spec, Path(tmp) / "model.onnx", fp16=fp16)
         max_diff = verify_onnx(backbone, spec, onnx_path, images, fp16=fp16)
         spec_dict = spec.to_dict() | {"verify_max_abs_diff": max_diff, "fp16": fp16}
-        version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16)
+        # Arrays the index needs beside the model (SPQ's codebooks), as .npy files.
+        extra_files = {}
+        for file_name, array in getattr(backbone, "export_arrays", dict)().items():
+            np.save(Path(tmp) / file_name, array)
+            extra_files[file_name] = Path(tmp) / file_name
+        version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16, extra_files=extra_files)
     print(f"exported {spec.name} to {version_dir} (ONNX vs PyTorch max abs diff {max_diff:.2e} on {len(images)} images)")
     return version_dir

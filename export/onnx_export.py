@@ -34,7 +34,9 @@ class ContractModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
         x = (x - self.mean) / self.std
-        return nn.functional.normalize(self.backbone(x), dim=1)
+        # An encoder may define its own unit-norm output (SPQ: per sub-vector), else plain L2.
+        custom = getattr(self.backbone, "normalise_output", None)
+        return custom(self.backbone(x)) if custom else nn.functional.normalize(self.backbone(x), dim=1)
 
 
 def export_onnx(backbone: nn.Module, spec: EncoderSpec, path: Path, *, fp16: bool = False) -> Path:

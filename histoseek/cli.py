@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
                       epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
                       init=str(args.init) if args.init else None, split=args.split, seed=args.seed,
-                      workers=args.workers, fresh=args.fresh)
+                      workers=args.workers, fresh=args.fresh, bits=args.bits)
     try:
         out = train(cfg)
     except KeyboardInterrupt:
@@ -123,8 +123,10 @@ def cmd_index(args: argparse.Namespace) -> None:
     from server import index
 
     if args.action == "build":
+        params = {"nlist": args.nlist, "nprobe": args.nprobe, "M": args.m, "nbits": args.bits,
+                  "ef_search": args.ef_search}
         out = index.build_index(args.encoder, args.data, args.out, index_type=args.type, triton_url=args.triton_url,
-                                protocol=args.protocol, batch=args.batch)
+                                protocol=args.protocol, batch=args.batch, params=params, repo=args.repo)
         print(f"index written to {out}")
     elif args.action == "add":
         if (args.data is None) == (not args.image):
@@ -215,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    p.add_argument("--bits", type=int, help="code length of a quantizing encoder (spq: 16, 32 or 64)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="precision@k, mAP@k, majority vote@k (PyTorch or served path)")
@@ -257,8 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", required=True, help="the Triton model (encoder) to embed with")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--type", choices=["flat", "hnsw", "ivfpq"], default="flat")
+    p.add_argument("--type", choices=["flat", "hnsw", "ivfpq", "pq"], default="flat",
+                   help="flat: exact; hnsw: graph; ivfpq: inverted lists + PQ; pq: product quantization "
+                        "(the encoder's own codebooks for spq, k-means otherwise)")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--m", type=int, help="PQ sub-quantizers (pq, ivfpq) or HNSW links per node")
+    p.add_argument("--bits", type=int, help="bits per PQ sub-quantizer (pq, ivfpq; default up to 8)")
+    p.add_argument("--nlist", type=int, help="ivfpq inverted lists (default ~4*sqrt(items))")
+    p.add_argument("--nprobe", type=int, help="ivfpq lists searched per query")
+    p.add_argument("--ef-search", type=int, help="hnsw candidates per query (default 64)")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="the model repository Triton serves (spq's codebooks are read from it)")
     _triton_arguments(p)
     p.set_defaults(func=cmd_index)
     p = index.add_parser("add", help="add images to an index without a rebuild")

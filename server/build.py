@@ -27,8 +27,8 @@ from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_d
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image, resize_and_crop
 from server.embedder import Embedder
-from server.index import (FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_index_type, check_model,
-                          new_faiss_index)
+from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
+from server.index_types import check_index_type, new_faiss_index
 from server.store import Item, Store, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,26 @@ def _check_output(out: Path, data: Path) -> None:
                              f"it would be replaced: choose a new folder, such as {out}/<name>")
 
 
+def encoder_codebooks(embedder: Embedder, repo: Path, sha256: str | None) -> np.ndarray | None:
+    """The served encoder's own PQ codebooks (SPQ), from the model repository Triton serves."""
+    spec = embedder.spec()
+    if spec.get("output_kind") != "pq_descriptor":
+        return None
+    folder = Path(repo) / str(spec["name"]) / str(embedder.version_number())
+    try:
+        exported = json.loads((folder / "encoder.json").read_text())
+        codebooks = np.load(folder / "codebooks.npy")
+    except (OSError, ValueError) as exc:
+        raise HistoseekError(f"cannot read the codebooks of {spec['name']!r} in {folder} ({exc}); pass --repo, the "
+                             "model repository Triton serves") from exc
+    if exported.get("model_sha256") != sha256:
+        raise HistoseekError(f"{folder} holds another model than the one Triton serves (sha256 differs); pass --repo, "
+                             "the model repository Triton serves")
+    return codebooks
+
+
 def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: str, protocol: str,
-          batch: int) -> Path:
+          batch: int, params: dict | None = None, repo: Path = Path("model_repository")) -> Path:
     if batch < 1:
         raise HistoseekError(f"--batch must be at least 1, got {batch}")
     dataset = read_dataset(data)
@@ -116,6 +134,7 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
     embedder = Embedder(triton_url, encoder, protocol, batch_size=batch)
     spec = embedder.spec()
     sha256, dim = _served_model(embedder)
+    codebooks = encoder_codebooks(embedder, repo, sha256) if index_type == "pq" else None
     paths = [dataset.absolute(item).resolve() for item in dataset.items]
     fingerprint = hashlib.sha256(json.dumps([[str(p), i.label, i.group] for p, i in zip(paths, dataset.items)])
                                  .encode()).hexdigest()
@@ -139,7 +158,7 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
         embeddings.append(part)
         thumbnails.extend(thumbs)
     vectors = np.ascontiguousarray(np.concatenate(embeddings), dtype=np.float32)
-    faiss_index, params = new_faiss_index(index_type, dim, vectors)
+    faiss_index, params = new_faiss_index(index_type, dim, vectors, params, codebooks)
     faiss_index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
     items = [_item(i, str(path), entry) for i, (path, entry) in enumerate(zip(paths, dataset.items))]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import threading
 from contextlib import contextmanager
@@ -37,15 +36,12 @@ import numpy as np
 
 from histoseek.atomic import temporary_path, write_json
 from histoseek.errors import HistoseekError
+from server.index_types import HNSW_EF_SEARCH, apply_search_params, code_bytes_per_item, searchable_copy
 from server.store import Item, Store
 
 log = logging.getLogger(__name__)
 
 FAISS_FILE, STORE_FILE, MANIFEST_FILE, LOCK_FILE = "index.faiss", "items.sqlite", "manifest.json", ".write.lock"
-INDEX_TYPES = ("flat", "hnsw", "ivfpq")
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 64
-# Fewer items cannot train product quantizers of even 16 centroids (4 per centroid).
-IVFPQ_MIN_ITEMS = 64
 
 
 class ModelMismatch(HistoseekError):
@@ -57,43 +53,6 @@ class Hit:
     id: int
     score: float
     item: Item
-
-
-def new_faiss_index(index_type: str, dim: int, training: np.ndarray) -> tuple[faiss.Index, dict]:
-    """An empty index of `index_type` for inner product (trained on `training` for ivfpq),
-    and the parameters chosen, for the manifest."""
-    check_index_type(index_type, len(training))
-    ip = faiss.METRIC_INNER_PRODUCT
-    if index_type == "flat":
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {}
-    if index_type == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
-        hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
-        # IDMap2 gives HNSW our ids; it cannot remove, so removals become tombstones.
-        return faiss.IndexIDMap2(hnsw), {"M": HNSW_M, "ef_search": HNSW_EF_SEARCH}
-    # ivfpq keeps its own ids (an IDMap over IVF would mis-map ids after remove_ids).
-    n = len(training)
-    # ~39 training points per coarse centroid (faiss's own minimum), up to 4*sqrt(n) lists.
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-    # 4 dimensions per sub-quantizer (at most 64 of them); M must divide the dimension.
-    m = max(d for d in range(1, min(64, max(1, dim // 4)) + 1) if dim % d == 0)
-    nbits = min(8, int(math.log2(n // 4)))  # 2**nbits centroids need >= 4 points each
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, ip)
-    index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1  # sizes chosen above
-    index.train(training)
-    index.nprobe = min(nlist, max(8, nlist // 8))
-    return index, {"nlist": nlist, "M": m, "nbits": nbits, "nprobe": index.nprobe}
-
-
-def check_index_type(index_type: str, count: int) -> None:
-    """Refuse, before any embedding, an index type that cannot be built over `count` items."""
-    if index_type not in INDEX_TYPES:
-        raise HistoseekError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    if index_type == "ivfpq" and count < IVFPQ_MIN_ITEMS:
-        raise HistoseekError(
-            f"an ivfpq index needs at least {IVFPQ_MIN_ITEMS} items to train its quantizers, this dataset "
-            f"has {count}; build a flat index instead (exact, and fast at this size)"
-        )
 
 
 def faiss_ids(index: faiss.Index) -> np.ndarray:
@@ -161,19 +120,18 @@ class IndexFolder:
     def _read(self) -> faiss.Index:
         self._manifest = _read_manifest(self.path)
         index = faiss.read_index(str(self.path / FAISS_FILE))
-        if self._manifest["index_type"] == "ivfpq":
-            faiss.extract_index_ivf(index).nprobe = self._manifest["index_params"]["nprobe"]
-        return index
+        return apply_search_params(index, self._manifest["index_type"], self._manifest["index_params"])
 
     def _load(self) -> _Snapshot:
         # The signature is read before the files: a snapshot may be newer than its
         # signature (then it is reloaded once more), never older.
         signature = self._signature()
-        index = self._read()
+        index = searchable_copy(self._read(), self._manifest["index_type"])
         return _Snapshot(index, signature, max(0, index.ntotal - self.store.count()))
 
     def _install(self, index: faiss.Index) -> None:
-        self._snapshot = _Snapshot(index, self._signature(), max(0, index.ntotal - self.store.count()))
+        searchable = searchable_copy(index, self._manifest["index_type"])
+        self._snapshot = _Snapshot(searchable, self._signature(), max(0, index.ntotal - self.store.count()))
 
     def snapshot(self) -> _Snapshot:
         """The current in-memory index, reloaded first if the folder changed on disk."""
@@ -200,7 +158,8 @@ class IndexFolder:
         while pending and fetch > 0:
             params = None
             if self._manifest["index_type"] == "hnsw":
-                params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, fetch))
+                ef_search = self._manifest["index_params"].get("ef_search", HNSW_EF_SEARCH)
+                params = faiss.SearchParametersHNSW(efSearch=max(ef_search, fetch))
             scores, ids = index.search(vectors[pending], fetch, params=params)
             items = self.store.lookup(ids[ids >= 0])
             unfinished = []
@@ -301,6 +260,7 @@ class IndexFolder:
                ("encoder", "model_sha256", "model_version", "dimension", "metric", "index_type",
                 "index_params", "input_size", "created")},
             "count": count, "vectors": int(index.ntotal), "tombstones": max(0, index.ntotal - count),
+            "code_bytes_per_item": code_bytes_per_item(faiss.read_index(str(self.path / FAISS_FILE))),
             "index_bytes_per_item": round(index_bytes / max(1, index.ntotal), 1),
             "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         }
@@ -316,12 +276,13 @@ def _read_manifest(path: Path) -> dict:
 # -- the functions the CLI calls -----------------------------------------------------------
 
 def build_index(encoder: str, data: Path, out: Path, *, index_type: str = "flat",
-                triton_url: str = "localhost:8001", protocol: str = "grpc", batch: int = 32) -> Path:
+                triton_url: str = "localhost:8001", protocol: str = "grpc", batch: int = 32,
+                params: dict | None = None, repo: Path = Path("model_repository")) -> Path:
     """Embed a dataset folder through Triton and write the index folder `out` atomically."""
     from server.build import build  # server.build imports this module
 
     return build(encoder, Path(data), Path(out), index_type=index_type, triton_url=triton_url,
-                 protocol=protocol, batch=batch)
+                 protocol=protocol, batch=batch, params=params, repo=Path(repo))
 
 
 def add_items(index_dir: Path, source: Path | list[Path], *, label: str | None = None, group: str | None = None,

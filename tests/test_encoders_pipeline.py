@@ -15,7 +15,7 @@ from server.build import build
 from server.embedder import Embedder
 from server.index import IndexFolder
 from server.search import SearchCore
-from training.encoders.registry import list_encoders
+from training.encoders.registry import get_encoder, list_encoders
 from training.train import TrainConfig, train
 
 ENCODERS = [e.name for e in list_encoders()]
@@ -42,14 +42,14 @@ def served_encoders(tmp_path_factory, synth_data):
     http_port, grpc_port, metrics_port = _free_ports(3)
     run_dir = root / "triton_run"
     info = triton.start(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, run_dir=run_dir)
-    yield info, failures
+    yield info, failures, repo
     triton.stop(run_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ENCODERS)
 def test_encoder_trains_exports_serves_indexes_and_searches(name, served_encoders, synth_data, tmp_path):
-    info, failures = served_encoders
+    info, failures, repo = served_encoders
     if name in failures:
         pytest.fail(f"{name} failed to train or export:\n{failures[name]}")
     url = f"localhost:{info.grpc_port}"
@@ -69,3 +69,14 @@ def test_encoder_trains_exports_serves_indexes_and_searches(name, served_encoder
     assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1]
     assert {hit.item.label for hit in outcome.hits} <= set(dataset.labels)
     assert outcome.vote[0] in dataset.labels and 0 < outcome.vote[1] <= 1
+
+    if get_encoder(name).output_kind == "pq_descriptor":
+        # SPQ: the database stored as the codes SPQ learnt, in an IndexPQ built from its codebooks.
+        pq_dir = build(name, synth_data, tmp_path / "pq", index_type="pq", triton_url=url, protocol="grpc", batch=8,
+                       repo=repo)
+        folder = IndexFolder(pq_dir)
+        assert folder.manifest["index_params"]["codebooks"] == "encoder"
+        assert folder.info()["code_bytes_per_item"] == get_encoder(name).preset("cpu").options["bits"] // 8
+        hits = SearchCore(folder, Embedder(url, name, "grpc")).search(
+            Path(dataset.absolute(query)).read_bytes(), k=5, name=query.path).hits
+        assert str(Path(dataset.absolute(query)).resolve()) in [hit.item.path for hit in hits]

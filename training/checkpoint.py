@@ -49,7 +49,7 @@ def load_backbone(checkpoint: Path) -> tuple[nn.Module, EncoderSpec]:
             )
     spec = EncoderSpec.load(checkpoint / SPEC)
     encoder = get_encoder(spec.name)
-    backbone = encoder.build_backbone(encoder.preset(spec.preset))
+    backbone = encoder.build_backbone(encoder.preset(spec.preset, spec.options))
     try:
         backbone.load_state_dict(load_file(str(checkpoint / WEIGHTS)))
     except RuntimeError as exc:

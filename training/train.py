@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     fresh: bool = False  # ignore an existing resume state
+    bits: int | None = None  # code length, for encoders that quantize (spq)
 
 
 class EpochSampler(Sampler):
@@ -115,7 +116,8 @@ def _require_labels(name: str, data: str, dataset: Dataset) -> None:
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train and write the checkpoint folder; `on_step(step)` is a hook called after each step."""
     encoder = get_encoder(cfg.encoder)
-    preset = encoder.preset(cfg.preset)
+    options = {"bits": cfg.bits} if cfg.bits is not None else None
+    preset = encoder.preset(cfg.preset, options)
     out = Path(cfg.out)
     dataset = read_split(cfg.data, cfg.split)
     if encoder.needs_labels:
@@ -137,15 +139,16 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     state = None if cfg.fresh else checkpoint.load_resume_state(out)
     step, elapsed = 0, 0.0
     if state is not None:
-        if state["config"]["encoder"] != cfg.encoder or state["config"]["preset"] != cfg.preset:
-            raise HistoseekError(f"{out} holds a {state['config']['encoder']}/{state['config']['preset']} run; "
+        if [state["config"].get(k) for k in ("encoder", "preset", "bits")] != [cfg.encoder, cfg.preset, cfg.bits]:
+            bits = f" ({state['config']['bits']} bits)" if state["config"].get("bits") else ""
+            raise HistoseekError(f"{out} holds a {state['config']['encoder']}/{state['config']['preset']}{bits} run; "
                                  "choose another --out or pass --fresh")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         log.info("resuming %s at step %d/%d (%.1f min done)", out, step, total_steps, elapsed / 60)
 
-    spec = encoder.spec(cfg.preset, labels=tuple(dataset.labels) if encoder.needs_labels else ())
+    spec = encoder.spec(cfg.preset, labels=tuple(dataset.labels) if encoder.needs_labels else (), options=options)
     views_dataset = ViewDataset(dataset, encoder.train_transform(preset), cfg.seed)
     wd_end = preset.options.get("weight_decay_end", preset.weight_decay)
     warmup = preset.warmup_epochs / epochs

@@ -89,3 +89,10 @@ def two_views(size: int, mean, std, scale=(0.2, 1.0), hed_strength: float = 0.05
     """Two global views, as in SimCLR, Barlow Twins and NNCLR."""
     colour = dict(hed_strength=hed_strength, color_jitter=color_jitter)
     return MultiViewTransform([histology_view(size, scale, mean, std, **colour) for _ in range(2)])
+
+
+def preset_two_views(preset, scale: tuple[float, float] = (0.2, 1.0)) -> MultiViewTransform:
+    """`two_views` at a preset's input size, statistics and colour-augmentation options."""
+    o = preset.options
+    return two_views(preset.input_size, preset.mean, preset.std, scale=scale, hed_strength=o["hed_strength"],
+                     color_jitter=o["color_jitter"])

@@ -17,7 +17,8 @@ from histoseek.errors import HistoseekError
 from histoseek.imaging import load_model_input
 from server.embedder import Embedder
 from server.index import (FAISS_FILE, MANIFEST_FILE, IndexFolder, ModelMismatch, add_items, build_index,
-                          index_info, new_faiss_index, remove_items)
+                          index_info, remove_items)
+from server.index_types import new_faiss_index
 from server.search import SearchCore
 
 
@@ -53,7 +54,7 @@ def built(tmp_path_factory, tiles, grpc_url) -> dict[str, Path]:
     """One index of each type over `tiles`, built once; tests that edit one work on a copy."""
     root = tmp_path_factory.mktemp("indexes")
     return {kind: build_index("tiny", tiles, root / kind, index_type=kind, triton_url=grpc_url, batch=16)
-            for kind in ("flat", "hnsw", "ivfpq")}
+            for kind in ("flat", "hnsw", "ivfpq", "pq")}
 
 
 @pytest.fixture
@@ -108,10 +109,10 @@ def test_flat_equals_brute_force(built, tile_embeddings):
 
 
 # The tiny test model maps every tile to nearly the same direction (cosine > 0.9 across
-# classes), and 90 items train only 4-bit PQ codes: IVFPQ recall is asserted loosely, and
+# classes), and 90 items train only 4-bit PQ codes (2 bytes per item for pq): recall is asserted loosely, and
 # that it keeps what retrieval needs (the tile itself in its top 10, the exact precision).
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, min_recall, self_rank, found", [("hnsw", 0.95, 1, 1.0), ("ivfpq", 0.3, 10, 0.6)])
+@pytest.mark.parametrize("kind, min_recall, self_rank, found", [("hnsw", 0.95, 1, 1.0), ("ivfpq", 0.3, 10, 0.6), ("pq", 0.3, 10, 0.5)])
 def test_approximate_index_recall_against_flat(built, tile_embeddings, kind, min_recall, self_rank, found):
     paths, vectors = tile_embeddings
     exact = IndexFolder(built["flat"]).search(vectors, k=10)
@@ -134,7 +135,7 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind, min_recall", [("hnsw", 0.95), ("ivfpq", 0.6)])
+@pytest.mark.parametrize("kind, min_recall", [("hnsw", 0.95), ("ivfpq", 0.6), ("pq", 0.5)])
 def test_approximate_parameters_on_spread_embeddings(kind, min_recall, one_faiss_thread):
     """What the chosen HNSW/IVFPQ parameters give on clustered 64-d vectors, like a real encoder's."""
     rng = np.random.default_rng(0)
@@ -151,7 +152,7 @@ def test_approximate_parameters_on_spread_embeddings(kind, min_recall, one_faiss
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "pq"])
 def test_add_then_remove(editable, tmp_path, grpc_url, kind):
     index_dir = editable(kind)
     new = tmp_path / "new.png"
@@ -161,7 +162,7 @@ def test_add_then_remove(editable, tmp_path, grpc_url, kind):
     assert new_id == 90
     core = SearchCore(IndexFolder(index_dir), Embedder(grpc_url, "tiny"))
     hits = core.search(new.read_bytes(), k=10).hits
-    if kind == "ivfpq":  # PQ codes trained on other colours place an outlier only roughly
+    if kind in ("ivfpq", "pq"):  # PQ codes trained on other colours place an outlier only roughly
         assert new_id in [h.id for h in hits]
     else:
         assert (hits[0].id, hits[0].item.label) == (new_id, "magenta") and hits[0].score == pytest.approx(1.0, abs=1e-5)
@@ -312,6 +313,10 @@ def test_info(built):
     assert set(info["index_params"]) == {"nlist", "M", "nbits", "nprobe"}
     # PQ codes (4 bytes here) + id take far less than the flat index's 16 floats + id.
     assert info["index_bytes_per_item"] < index_info(built["flat"])["index_bytes_per_item"]
+    # 4 sub-quantizers of 4 bits: 2 bytes of codes per item, against 16 floats (64 bytes) for flat.
+    pq = index_info(built["pq"])
+    assert (pq["index_params"]["M"], pq["index_params"]["nbits"], pq["code_bytes_per_item"]) == (4, 4, 2)
+    assert index_info(built["flat"])["code_bytes_per_item"] == 4 * 16
     assert info["size_on_disk_bytes"] > 0
 
 

@@ -70,3 +70,24 @@ def test_dino_teacher_follows_student_by_momentum():
     m = preset.options["momentum"]
     for old, new, student in zip(before, method.teacher_backbone.parameters(), method.backbone.parameters()):
         assert torch.allclose(new, m * old + (1 - m) * student, atol=1e-6)
+
+
+def test_spq_bits_set_the_number_of_codebooks_and_travel_with_the_spec(synth_data, tmp_path):
+    from histoseek.errors import HistoseekError
+    from training import checkpoint
+    from training.train import TrainConfig, train
+
+    encoder = get_encoder("spq")
+    assert [encoder.build_backbone(encoder.preset("cpu", {"bits": b})).codebooks.shape[0] for b in (16, 32, 64)] \
+        == [2, 4, 8]
+    with pytest.raises(HistoseekError, match="16, 32, 64"):
+        encoder.build_backbone(encoder.preset("cpu", {"bits": 24}))
+    with pytest.raises(HistoseekError, match="no option bits"):
+        get_encoder("simclr").preset("cpu", {"bits": 16})
+    out = train(TrainConfig(encoder="spq", data=str(synth_data), out=str(tmp_path / "spq16"), epochs=1,
+                            batch_size=8, workers=0, bits=16))
+    backbone, spec = checkpoint.load_backbone(out)
+    assert spec.options["bits"] == 16 and backbone.codebooks.shape == (2, 256, 64)
+    exported = backbone.normalise_output(backbone(torch.randn(2, 3, 64, 64)))
+    # Unit-norm overall, each of the 2 sub-vectors of norm 1/sqrt(2).
+    assert torch.allclose(exported.reshape(2, 2, 64).norm(dim=-1), torch.full((2, 2), 2 ** -0.5), atol=1e-5)

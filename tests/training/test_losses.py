@@ -160,3 +160,30 @@ def test_clip_loss_spreads_a_prompts_target_over_its_images():
     got = class_prompt_clip_loss(torch.from_numpy(images), torch.from_numpy(texts), torch.from_numpy(labels),
                                  torch.tensor(5.0, dtype=torch.float64)).item()
     assert got == pytest.approx((image_loss + text_loss) / 2, rel=1e-6)
+
+
+def test_spq_loss_contrasts_each_view_with_the_other_views_soft_quantization():
+    method, preset = _method("spq")
+    o = preset.options
+    m, _, sub = method.backbone.codebooks.shape
+    xa, xb = RNG.standard_normal((2, 4, m * sub)).astype(np.float32)
+    words = method.backbone.codebooks.detach().numpy()
+    words = words / np.linalg.norm(words, axis=-1, keepdims=True)
+
+    def sub_normalised(x):
+        s = x.reshape(len(x), m, sub)
+        return s / np.linalg.norm(s, axis=-1, keepdims=True)
+
+    def soft_quantized(x):
+        weights = np.exp(_log_softmax_last(o["tau_q"] * np.einsum("nmd,mkd->nmk", sub_normalised(x), words)))
+        return np.einsum("nmk,mkd->nmd", weights, words).reshape(len(x), -1)
+
+    expected = 0.5 * (nt_xent(sub_normalised(xa).reshape(4, -1), soft_quantized(xb), o["tau_cqc"])
+                      + nt_xent(sub_normalised(xb).reshape(4, -1), soft_quantized(xa), o["tau_cqc"]))
+    got = method.cross_quantized_loss(torch.from_numpy(xa), torch.from_numpy(xb)).item()
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def _log_softmax_last(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -13,7 +13,7 @@ from torch import nn
 
 from training.backbones import load_resnet_init, resnet
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import two_views
+from training.transforms import preset_two_views
 
 PRESETS = {
     "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
@@ -40,15 +40,9 @@ class BarlowTwinsMethod(TrainingMethod):
         return self.criterion(self.head(self.backbone(views[0])), self.head(self.backbone(views[1])))
 
 
-def train_transform(preset: Preset):
-    o = preset.options
-    return two_views(preset.input_size, preset.mean, preset.std, hed_strength=o["hed_strength"],
-                     color_jitter=o["color_jitter"])
-
-
 register(Encoder(
     name="barlowtwins", method="Barlow Twins redundancy reduction (Zbontar et al. 2021)", presets=PRESETS,
     build_backbone=lambda preset: resnet(preset.backbone),
     build_method=lambda backbone, preset, labels: BarlowTwinsMethod(backbone, preset),
-    train_transform=train_transform, load_init=load_resnet_init,
+    train_transform=preset_two_views, load_init=load_resnet_init,
 ))

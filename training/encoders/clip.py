@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
@@ -22,7 +23,6 @@ from histoseek.errors import HistoseekError
 from training import init_weights
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
 from training.transforms import histology_view
-from lightly.transforms.multi_view_transform import MultiViewTransform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

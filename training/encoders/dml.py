@@ -16,7 +16,7 @@ from torch import nn
 
 from training.backbones import load_resnet_init, resnet
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import two_views
+from training.transforms import preset_two_views
 
 PRESETS = {
     "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,
@@ -52,9 +52,8 @@ class MetricLearningMethod(TrainingMethod):
 
 
 def train_transform(preset: Preset):
-    o = preset.options
-    return two_views(preset.input_size, preset.mean, preset.std, scale=(0.5, 1.0), hed_strength=o["hed_strength"],
-                     color_jitter=o["color_jitter"])
+    # Larger crops than the self-supervised methods: labels, not views, define similarity here.
+    return preset_two_views(preset, scale=(0.5, 1.0))
 
 
 def load_init(backbone: AttentionEmbedder, path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from training.backbones import load_resnet_init, resnet
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import two_views
+from training.transforms import preset_two_views
 
 PRESETS = {
     # The support set is smaller than the 2,000-image development sets it meets on CPU.
@@ -49,15 +49,9 @@ class NNCLRMethod(TrainingMethod):
         return 0.5 * (self.criterion(nn0, p1) + self.criterion(nn1, p0))
 
 
-def train_transform(preset: Preset):
-    o = preset.options
-    return two_views(preset.input_size, preset.mean, preset.std, hed_strength=o["hed_strength"],
-                     color_jitter=o["color_jitter"])
-
-
 register(Encoder(
     name="nnclr", method="NNCLR nearest-neighbour contrastive learning (Dwibedi et al. 2021)", presets=PRESETS,
     build_backbone=lambda preset: resnet(preset.backbone),
     build_method=lambda backbone, preset, labels: NNCLRMethod(backbone, preset),
-    train_transform=train_transform, load_init=load_resnet_init,
+    train_transform=preset_two_views, load_init=load_resnet_init,
 ))

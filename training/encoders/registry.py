@@ -97,8 +97,9 @@ class Encoder:
     needs_labels: bool = False
     output_kind: str = "embedding"
 
-    def spec(self, preset_name: str, labels: tuple[str, ...] = (), **overrides: Any) -> EncoderSpec:
-        preset = self.preset(preset_name)
+    def spec(self, preset_name: str, labels: tuple[str, ...] = (), options: dict[str, Any] | None = None,
+             **overrides: Any) -> EncoderSpec:
+        preset = self.preset(preset_name, options)
         return EncoderSpec(
             name=self.name, method=self.method, preset=preset_name, backbone=preset.backbone,
             embedding_dim=preset.embedding_dim, input_size=preset.input_size, mean=preset.mean,
@@ -106,10 +107,15 @@ class Encoder:
             **overrides,
         )
 
-    def preset(self, name: str) -> Preset:
+    def preset(self, name: str, options: dict[str, Any] | None = None) -> Preset:
+        """A preset, with some of its options replaced (e.g. SPQ's `bits`); unknown options are refused."""
         if name not in self.presets:
             raise HistoseekError(f"encoder {self.name!r} has no preset {name!r}; choose from {sorted(self.presets)}")
-        return self.presets[name]
+        preset = self.presets[name]
+        unknown = sorted(set(options or {}) - set(preset.options))
+        if unknown:
+            raise HistoseekError(f"encoder {self.name!r} has no option {', '.join(unknown)}")
+        return dataclasses.replace(preset, options=preset.options | (options or {})) if options else preset
 
 
 _REGISTRY: dict[str, Encoder] = {}

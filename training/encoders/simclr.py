@@ -13,7 +13,7 @@ from torch import nn
 
 from training.backbones import load_resnet_init, resnet
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import two_views
+from training.transforms import preset_two_views
 
 PRESETS = {
     # ResNet-18 on 64-px tiles: about 120 images/s forward+backward on 2 cores.
@@ -41,15 +41,9 @@ class SimCLRMethod(TrainingMethod):
         return self.criterion(z0, z1)
 
 
-def train_transform(preset: Preset):
-    o = preset.options
-    return two_views(preset.input_size, preset.mean, preset.std, hed_strength=o["hed_strength"],
-                     color_jitter=o["color_jitter"])
-
-
 register(Encoder(
     name="simclr", method="SimCLR contrastive learning (Chen et al. 2020)", presets=PRESETS,
     build_backbone=lambda preset: resnet(preset.backbone),
     build_method=lambda backbone, preset, labels: SimCLRMethod(backbone, preset),
-    train_transform=train_transform, load_init=load_resnet_init,
+    train_transform=preset_two_views, load_init=load_resnet_init,
 ))

@@ -1,0 +1,187 @@
+"""SPQ's own product-quantization codes against PQ fitted after the fact to a float encoder.
+
+    python -m benchmarks.compact_codes --data ../shared/data/crc5-dev --epochs 8 \\
+        --float-checkpoint runs/encoder_quality/dino
+
+For 16, 32 and 64 bits per item: `spq` trained at that code length (its codebooks loaded
+into a faiss.IndexPQ), and the float encoder's embeddings in a FAISS IndexPQ trained by
+k-means with the same number of bits (M = bits/8 sub-quantizers of 256 centroids).
+Retrieval (mMV@5, mAP@5) with test as queries against train, bytes per item, recall@10
+of each compact index against the exact flat index of the same encoder, and search
+latency per query at 10k, 100k and 1M items (database vectors sampled around the real
+train embeddings, re-normalised the way the encoder's output is). One run, one machine:
+`compact_codes.json`, `.md` and `.png` under --results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from benchmarks.machine import machine_stamp
+from export.onnx_export import ContractModel
+from histoseek.dataset import read_dataset
+from histoseek.metrics import retrieval_metrics
+from server.index_types import code_bytes_per_item, new_faiss_index
+from training import checkpoint
+from training.evaluate import embed_dataset
+from training.train import TrainConfig, train
+
+log = logging.getLogger("benchmarks.compact_codes")
+BITS = (16, 32, 64)
+SIZES = (10_000, 100_000, 1_000_000)
+
+
+def embed(ckpt: Path, data: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    backbone, spec = checkpoint.load_backbone(ckpt)
+    model = ContractModel(backbone, spec).eval()
+    return (embed_dataset(model, read_dataset(data / "train"), spec.input_size),
+            embed_dataset(model, read_dataset(data / "test"), spec.input_size), backbone)
+
+
+def scores(index: faiss.Index, db: np.ndarray, queries: np.ndarray, db_labels, q_labels, k: int = 10) -> tuple:
+    index.add_with_ids(db, np.arange(len(db), dtype=np.int64))
+    _, ids = index.search(queries, k)
+    metrics = retrieval_metrics(q_labels, [[db_labels[j] for j in row] for row in ids], [5])
+    return metrics, ids
+
+
+def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+
+
+def realistic(db: np.ndarray, n: int, books: int, rng) -> np.ndarray:
+    """n vectors around real embeddings (noise at the data's own spread), normalised like the encoder."""
+    spread = float(np.std(db - db.mean(0)))
+    x = db[rng.integers(0, len(db), n)] + rng.normal(0, spread * 0.5, (n, db.shape[1])).astype(np.float32)
+    x = x.reshape(n, books, -1)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True) * math.sqrt(books)
+    return x.reshape(n, -1).astype(np.float32)
+
+
+def latency_ms(index: faiss.Index, queries: np.ndarray) -> float:
+    index.search(queries[:5], 10)  # warm-up
+    started = time.perf_counter()
+    for q in queries:
+        index.search(q[None], 10)
+    return (time.perf_counter() - started) / len(queries) * 1000
+
+
+def run(args) -> dict:
+    rng = np.random.default_rng(0)
+    train_items, test_items = read_dataset(args.data / "train").items, read_dataset(args.data / "test").items
+    db_labels, q_labels = [i.label for i in train_items], [i.label for i in test_items]
+    rows, float_db = [], None
+
+    def measure(method: str, bits: int, db, q, compact: faiss.Index, books: int, sweep_flat: bool):
+        flat_metrics, exact = scores(faiss.IndexIDMap2(faiss.IndexFlatIP(db.shape[1])), db, q, db_labels, q_labels)
+        metrics, found = scores(compact, db, q, db_labels, q_labels)
+        latencies, flat_latencies = {}, {}
+        queries = realistic(db, 100, books, rng)
+        for size in SIZES:
+            vectors = realistic(db, size, books, rng)
+            big = faiss.clone_index(compact)
+            big.reset()
+            big.add_with_ids(vectors, np.arange(size, dtype=np.int64))
+            latencies[size] = round(latency_ms(big, queries), 3)
+            if sweep_flat:
+                flat = faiss.IndexFlatIP(db.shape[1])
+                flat.add(vectors)
+                flat_latencies[size] = round(latency_ms(flat, queries), 3)
+            log.info("%s %d bits: %d items, %.3f ms/query", method, bits, size, latencies[size])
+        rows.append({"method": method, "bits": bits, "mMV@5": metrics["mMV@5"], "mAP@5": metrics["mAP@5"],
+                     "flat_mMV@5": flat_metrics["mMV@5"], "flat_mAP@5": flat_metrics["mAP@5"],
+                     "bytes_per_item": code_bytes_per_item(compact), "flat_bytes_per_item": 4 * db.shape[1],
+                     "recall@10_vs_flat": round(recall_at_10(found, exact), 4), "latency_ms": latencies,
+                     "flat_latency_ms": flat_latencies})
+
+    for bits in BITS:
+        ckpt = args.workdir / f"spq{bits}"
+        if not (ckpt / "weights.safetensors").is_file():
+            train(TrainConfig(encoder="spq", data=str(args.data / "train"), out=str(ckpt), epochs=args.epochs,
+                              bits=bits, seed=args.seed))
+        db, q, backbone = embed(ckpt, args.data)
+        codebooks = backbone.export_arrays()["codebooks.npy"]
+        index, _ = new_faiss_index("pq", db.shape[1], db, codebooks=codebooks)
+        measure("spq (own codes)", bits, db, q, index, codebooks.shape[0], sweep_flat=False)
+
+    float_db, float_q, _ = embed(args.float_checkpoint, args.data)
+    name = json.loads((args.float_checkpoint / "encoder.json").read_text())["name"]
+    for bits in BITS:
+        index, _ = new_faiss_index("pq", float_db.shape[1], float_db, {"M": bits // 8, "nbits": 8})
+        measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == BITS[0])
+    return {"machine": machine_stamp(), "data": str(args.data), "epochs": args.epochs, "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| method | bits | bytes/item | mMV@5 | mAP@5 | flat mMV@5 | flat mAP@5 | recall@10 vs flat | "
+             "ms/query 10k | 100k | 1M |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lat = [r["latency_ms"][s] for s in SIZES]
+        lines.append(f"| {r['method']} | {r['bits']} | {r['bytes_per_item']} | {r['mMV@5']:.3f} | {r['mAP@5']:.3f} | "
+                     f"{r['flat_mMV@5']:.3f} | {r['flat_mAP@5']:.3f} | {r['recall@10_vs_flat']:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in lat) + " |")
+    for r in report["rows"]:
+        if r["flat_latency_ms"]:
+            lat = [r["flat_latency_ms"][s] for s in SIZES]
+            lines.append(f"| {r['method'].split(' +')[0]} flat (exact) | {32 * r['flat_bytes_per_item'] // 4} | "
+                         f"{r['flat_bytes_per_item']} | {r['flat_mMV@5']:.3f} | {r['flat_mAP@5']:.3f} | – | – | 1.000 | "
+                         + " | ".join(f"{v:.3f}" for v in lat) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["method"] == method]
+        left.plot([r["bits"] for r in rows], [r["mAP@5"] for r in rows], marker="o", label=f"{method} mAP@5")
+        left.plot([r["bits"] for r in rows], [r["mMV@5"] for r in rows], marker="s", linestyle="--",
+                  label=f"{method} mMV@5")
+        for r in rows:
+            right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o", label=f"{method}, {r['bits']} bits")
+    for r in report["rows"]:
+        if r["flat_latency_ms"]:
+            right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black", label="flat (exact)")
+    left.set(xlabel="bits per item", ylabel="score", xticks=list(BITS), title="retrieval, test vs train")
+    right.set(xscale="log", yscale="log", xlabel="items in the index", ylabel="ms per query",
+              title="search latency, one query at a time")
+    left.legend(fontsize=7)
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a folder with train/ and test/ dataset folders")
+    parser.add_argument("--float-checkpoint", type=Path, required=True, help="a trained float encoder (e.g. dino)")
+    parser.add_argument("--epochs", type=int, default=8, help="spq training epochs per code length")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/compact_codes"))
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    report = run(args)
+    stem = args.results / "compact_codes"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
