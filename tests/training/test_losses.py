@@ -114,24 +114,25 @@ def test_dino_loss_is_cross_entropy_from_centred_sharpened_teacher():
     assert got == pytest.approx(expected / pairs, rel=1e-4)
 
 
-def test_dml_loss_is_batch_hard_triplet_margin():
+def test_dml_loss_is_multi_similarity_over_the_mined_hard_pairs():
     method, preset = _method("dml")
-    margin = preset.options["margin"]
+    o = preset.options
     emb = RNG.standard_normal((8, 6)).astype(np.float32)
     labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-    e = _unit(emb)
-    dist = np.linalg.norm(e[:, None] - e[None], axis=2)
-    same = labels[:, None] == labels[None]
+    sims = _unit(emb) @ _unit(emb).T
     losses = []
-    for a in range(len(e)):
-        hardest_positive = dist[a][same[a] & (np.arange(len(e)) != a)].max()
-        hardest_negative = dist[a][~same[a]].min()
-        losses.append(max(0.0, hardest_positive - hardest_negative + margin))
-    losses = np.array(losses)
-    expected = losses[losses > 0].mean()  # pytorch-metric-learning averages the non-zero triplets
+    for a in range(len(emb)):
+        pos = (labels == labels[a]) & (np.arange(len(emb)) != a)
+        neg = labels != labels[a]
+        # The miner's hard pairs: positives below the hardest negative, negatives above the
+        # hardest positive, each by epsilon.
+        hard_pos = sims[a][pos][sims[a][pos] - o["epsilon"] < sims[a][neg].max()]
+        hard_neg = sims[a][neg][sims[a][neg] + o["epsilon"] > sims[a][pos].min()]
+        losses.append(np.log1p(np.exp(-o["alpha"] * (hard_pos - o["base"])).sum()) / o["alpha"]
+                      + np.log1p(np.exp(o["beta"] * (hard_neg - o["base"])).sum()) / o["beta"])
     emb_t, labels_t = torch.from_numpy(emb), torch.from_numpy(labels)
     got = method.criterion(emb_t, labels_t, method.miner(emb_t, labels_t)).item()
-    assert got == pytest.approx(expected, rel=1e-4)
+    assert got == pytest.approx(np.mean(losses), rel=1e-4)
 
 
 def test_clip_loss_equals_open_clip_with_one_image_per_class():

@@ -1,10 +1,13 @@
 """Deep metric learning for histopathology retrieval (after Yang et al., Methods 2020).
 
 A ResNet whose residual blocks carry channel and spatial attention (CBAM, Woo et al.
-2018) and a linear embedding layer, trained on labels with a triplet margin loss over
-batch-hard triplets (Hermans et al. 2017): each anchor's farthest same-class and nearest
-other-class tile. Two augmented views of every tile enter the batch, so every anchor has
-a positive. Miner and loss come from pytorch-metric-learning.
+2018) and a linear embedding layer, trained on labels with the multi-similarity loss over
+hard pairs (Wang et al., CVPR 2019): the miner keeps the positives less similar than the
+hardest negative and the negatives more similar than the hardest positive (by
+epsilon), and the loss weighs them by how hard they are. A batch-hard triplet loss was
+tried first: trained from scratch it collapsed every tile onto one point (loss stuck at
+its margin). Two augmented views of every tile enter the batch, so every anchor has a
+positive. Miner and loss come from pytorch-metric-learning.
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ from training.transforms import preset_two_views
 
 PRESETS = {
     "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,
-                  weight_decay=1e-4, warmup_epochs=2, options=dict(margin=0.2, hed_strength=0.05, color_jitter=0.2)),
+                  weight_decay=1e-4, warmup_epochs=2, options=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1,
+                                                                    hed_strength=0.05, color_jitter=0.2)),
     "paper": Preset(backbone="resnet50", input_size=224, embedding_dim=512, batch_size=128, epochs=50, lr=1e-4,
-                    weight_decay=1e-4, warmup_epochs=2, options=dict(margin=0.2, hed_strength=0.05, color_jitter=0.2)),
+                    weight_decay=1e-4, warmup_epochs=2, options=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1,
+                                                                      hed_strength=0.05, color_jitter=0.2)),
 }
 
 
@@ -42,8 +47,9 @@ class MetricLearningMethod(TrainingMethod):
     def __init__(self, backbone: AttentionEmbedder, preset: Preset) -> None:
         super().__init__()
         self.backbone = backbone
-        self.miner = miners.BatchHardMiner()
-        self.criterion = losses.TripletMarginLoss(margin=preset.options["margin"])
+        o = preset.options
+        self.miner = miners.MultiSimilarityMiner(epsilon=o["epsilon"])
+        self.criterion = losses.MultiSimilarityLoss(alpha=o["alpha"], beta=o["beta"], base=o["base"])
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         embeddings = self.backbone(torch.cat(views[:2]))
@@ -62,7 +68,7 @@ def load_init(backbone: AttentionEmbedder, path: Path) -> None:
 
 
 register(Encoder(
-    name="dml", method="Deep metric learning with attention, batch-hard triplets (after Yang et al. 2020)",
+    name="dml", method="Deep metric learning with attention, multi-similarity loss on hard pairs (after Yang et al. 2020)",
     presets=PRESETS, build_backbone=AttentionEmbedder,
     build_method=lambda backbone, preset, labels: MetricLearningMethod(backbone, preset),
     train_transform=train_transform, load_init=load_init, needs_labels=True,
