@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from histoseek.dataset import Dataset
-from histoseek.metrics import exact_neighbours, retrieval_metrics
+from histoseek.metrics import embedding_retrieval_metrics
 
 
 def histogram_embedding(path, bins: int = 8) -> np.ndarray:
@@ -23,7 +23,4 @@ def histogram_embedding(path, bins: int = 8) -> np.ndarray:
 def colour_histogram_metrics(database: Dataset, queries: Dataset, ks: list[int]) -> dict[str, float]:
     db = np.stack([histogram_embedding(database.absolute(i)) for i in database.items])
     q = np.stack([histogram_embedding(queries.absolute(i)) for i in queries.items])
-    neighbours = exact_neighbours(q, [i.group for i in queries.items], db, [i.group for i in database.items], max(ks))
-    labels = [i.label for i in database.items]
-    ranked = [[labels[j] for j in row if j >= 0] for row in neighbours]
-    return retrieval_metrics([i.label for i in queries.items], ranked, ks)
+    return embedding_retrieval_metrics(queries, q, database, db, ks)

@@ -83,3 +83,14 @@ def format_table(metrics: dict[str, float], ks: list[int]) -> str:
     for k in ks:
         lines.append(f"| {k} | {metrics[f'P@{k}']:.4f} | {metrics[f'mAP@{k}']:.4f} | {metrics[f'mMV@{k}']:.4f} |")
     return "\n".join(lines)
+
+
+def embedding_retrieval_metrics(queries, query_embeddings: np.ndarray, database, database_embeddings: np.ndarray,
+                                ks: list[int]) -> dict[str, float]:
+    """Metrics of two datasets' embeddings (items with `.label` and `.group`), ranked by
+    exact inner product with each query's own group excluded."""
+    neighbours = exact_neighbours(query_embeddings, [i.group for i in queries.items], database_embeddings,
+                                  [i.group for i in database.items], max(ks))
+    db_labels = [i.label for i in database.items]
+    ranked = [[db_labels[j] for j in row if j >= 0] for row in neighbours]
+    return retrieval_metrics([i.label for i in queries.items], ranked, ks)

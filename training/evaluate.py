@@ -18,7 +18,7 @@ from tqdm import tqdm
 from export.onnx_export import ContractModel
 from histoseek.dataset import Dataset, read_split
 from histoseek.imaging import load_model_input
-from histoseek.metrics import exact_neighbours, retrieval_metrics
+from histoseek.metrics import embedding_retrieval_metrics
 from training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | No
     else:
         q = read_split(queries or database, queries_split)
         q_emb = embed_dataset(model, q, spec.input_size)
-    neighbours = exact_neighbours(q_emb, [i.group for i in q.items], db_emb, [i.group for i in db.items], max(ks))
-    db_labels = [i.label for i in db.items]
-    ranked = [[db_labels[j] for j in row if j >= 0] for row in neighbours]
-    metrics = retrieval_metrics([i.label for i in q.items], ranked, ks)
+    metrics = embedding_retrieval_metrics(q, q_emb, db, db_emb, ks)
     return {"encoder": spec.name, "preset": spec.preset, "checkpoint": str(checkpoint_dir),
             "database": str(database), "queries": str(queries) if queries else "leave-one-out",
             "metrics": metrics}

@@ -68,7 +68,12 @@ def load_into(backbone: nn.Module, path: Path, adapt: dict | None = None,
     `optional(key)` marks backbone parameters that pretrained files cannot have (modules
     this project adds, e.g. attention blocks) and that keep their fresh initialisation.
     """
-    state = read_state_dict(path)
+    load_state_into(backbone, read_state_dict(path), path, adapt, rename, optional)
+
+
+def load_state_into(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path, adapt: dict | None = None,
+                    rename: Callable[[str], str] | None = None, optional: Callable[[str], bool] | None = None) -> None:
+    """`load_into` for a state dict already read from `path` (named in errors)."""
     if rename:
         state = {rename(k): v for k, v in state.items()}
     target = backbone.state_dict()

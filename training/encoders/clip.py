@@ -99,8 +99,8 @@ def train_transform(preset: Preset):
 
 def load_init(backbone: ImageTower, path: Path) -> None:
     """An open_clip (or OpenAI CLIP) checkpoint: image tower into the backbone, text tower kept for training."""
-    init_weights.load_into(backbone, path)
     state = init_weights.read_state_dict(path)
+    init_weights.load_state_into(backbone, state, path)
     backbone.text_init = {k: v for k, v in state.items() if not k.startswith("visual.")}
     if "token_embedding.weight" not in backbone.text_init:
         raise HistoseekError(f"{path} has an image tower but no text tower (token_embedding.weight); CLIP "
