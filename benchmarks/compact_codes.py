@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import faiss
 import numpy as np
 
 from benchmarks.machine import machine_stamp
+from benchmarks.vectors import realistic, recall_at_10
 from export.onnx_export import ContractModel
 from histoseek.dataset import read_dataset
 from histoseek.metrics import retrieval_metrics
@@ -50,19 +50,6 @@ def scores(index: faiss.Index, db: np.ndarray, queries: np.ndarray, db_labels, q
     _, ids = index.search(queries, k)
     metrics = retrieval_metrics(q_labels, [[db_labels[j] for j in row] for row in ids], [5])
     return metrics, ids
-
-
-def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
-
-
-def realistic(db: np.ndarray, n: int, books: int, rng) -> np.ndarray:
-    """n vectors around real embeddings (noise at the data's own spread), normalised like the encoder."""
-    spread = float(np.std(db - db.mean(0)))
-    x = db[rng.integers(0, len(db), n)] + rng.normal(0, spread * 0.5, (n, db.shape[1])).astype(np.float32)
-    x = x.reshape(n, books, -1)
-    x /= np.linalg.norm(x, axis=-1, keepdims=True) * math.sqrt(books)
-    return x.reshape(n, -1).astype(np.float32)
 
 
 def latency_ms(index: faiss.Index, queries: np.ndarray) -> float:

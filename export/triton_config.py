@@ -16,8 +16,10 @@ import json
 from typing import Any
 
 MAX_BATCH_SIZE = 64
-# Long enough for concurrent requests to meet in one batch, short next to a CPU run.
-MAX_QUEUE_DELAY_US = 2000
+# No waiting for a batch to fill: requests that arrive while the model instance is busy are
+# batched anyway, and on 2 CPU cores a 2 ms delay cost a lone client 2-3 ms per request and
+# bought no throughput at 4 or 16 clients (`histoseek bench encoders`, 2026-11-23).
+MAX_QUEUE_DELAY_US = 0
 TENSORRT_CONFIG_NAME = "tensorrt_fp16"
 
 

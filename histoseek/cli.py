@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -142,16 +143,58 @@ def cmd_index(args: argparse.Namespace) -> None:
         print(json.dumps(index.index_info(args.index), indent=2))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from server.app import serve
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+    return parse
 
-    serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port)
+
+API_KEYS_ENV = "HISTOSEEK_API_KEYS"
+MIN_KEY_LENGTH = 16
+
+
+def api_keys(key_file: Path | None) -> tuple[str, ...]:
+    """Keys from --api-key-file (one a line, `#` comments) or else $HISTOSEEK_API_KEYS (comma separated)."""
+    if key_file is not None:
+        try:
+            lines = key_file.read_text().splitlines()
+        except OSError as exc:
+            raise HistoseekError(f"cannot read the API key file {key_file}: {exc.strerror}") from exc
+        keys, where = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")], key_file
+        if not keys:
+            raise HistoseekError(f"the API key file {key_file} holds no key (one key a line)")
+    else:
+        keys, where = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()], API_KEYS_ENV
+    for key in keys:  # the message never shows the key itself
+        if len(key) < MIN_KEY_LENGTH or not key.isprintable() or any(c.isspace() for c in key):
+            raise HistoseekError(f"an API key in {where} is shorter than {MIN_KEY_LENGTH} characters or holds spaces "
+                                 "or control characters; make one with: python -c \"import secrets; "
+                                 "print(secrets.token_urlsafe(32))\"")
+    return tuple(keys)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from server.app import Settings, serve
+
+    settings = Settings(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_k=args.max_k,
+                        api_keys=api_keys(args.api_key_file), protect_search=args.protect_search,
+                        cors_origins=tuple(args.cors_origin))
+    if settings.protect_search and not settings.api_keys:
+        raise HistoseekError(f"--protect-search needs API keys: give --api-key-file FILE or set {API_KEYS_ENV}")
+    serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port, settings=settings)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from demo.app import launch
 
-    launch(args.api_url, host=args.host, port=args.port)
+    keys = api_keys(args.api_key_file)
+    launch(args.api_url, host=args.host, port=args.port, api_key=keys[0] if keys else None)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -173,6 +216,34 @@ def cmd_encoders(args: argparse.Namespace) -> None:
             spec = encoder.spec(name)
             print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
                   f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"values must be positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_encoders(args: argparse.Namespace) -> None:
+    from benchmarks.commands import bench_encoders_command
+
+    print(bench_encoders_command(
+        encoders=args.encoders, preset=args.preset, checkpoints=args.checkpoints, batches=args.batch, runs=args.runs,
+        warmup=args.warmup, concurrency=args.concurrency, requests_per_client=args.requests_per_client,
+        workdir=args.workdir, results=args.results))
+
+
+def cmd_bench_search(args: argparse.Namespace) -> None:
+    from benchmarks.commands import bench_search_command
+
+    print(bench_search_command(
+        indexes=args.index, triton_url=args.triton_url, encoders=args.encoders, preset=args.preset,
+        checkpoints=args.checkpoints, items=args.items, queries=args.queries, sizes=args.sizes,
+        types=args.types.split(","), workdir=args.workdir, results=args.results))
 
 
 def _triton_arguments(p: argparse.ArgumentParser) -> None:
@@ -294,12 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     _triton_arguments(p)
+    p.add_argument("--max-upload-mb", type=_positive(float), default=20.0, help="largest image upload (MB)")
+    p.add_argument("--max-pixels", type=_positive(int), default=25_000_000,
+                   help="largest image (width x height) decoded; bigger ones must be tiled first")
+    p.add_argument("--max-k", type=_positive(int), default=100, help="most results one search may ask for")
+    p.add_argument("--api-key-file", type=Path,
+                   help=f"API keys, one a line: adding and removing items then needs one (default: ${API_KEYS_ENV}, "
+                        "comma separated; neither: no keys)")
+    p.add_argument("--protect-search", action="store_true", help="searches and other reads need a key too")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="URL",
+                   help="a browser origin allowed to call the API, e.g. https://viewer.example.org (repeatable; "
+                        "default: none, CORS off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="the Gradio demo in front of a running search API")
     p.add_argument("--api-url", default="http://127.0.0.1:8080")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key-file", type=Path,
+                   help=f"send the first key of this file to the API (default: the first of ${API_KEYS_ENV})")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
@@ -312,6 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", type=int, default=8080)
     p.add_argument("--demo-port", type=int, default=7860)
     p.set_defaults(func=cmd_quickstart)
+
+    bench = sub.add_parser("bench", help="latency and throughput benchmarks (results in benchmarks/results)")
+    bench = bench.add_subparsers(dest="action", required=True)
+    p = bench.add_parser("encoders", help="PyTorch eager vs onnxruntime vs Triton HTTP/gRPC, per batch and concurrency")
+    p.add_argument("--batch", type=_int_list, default=[1, 8, 32], help="batch sizes, e.g. 1,8,32")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per path and batch size")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="concurrent Triton gRPC clients")
+    p.add_argument("--requests-per-client", type=int, default=40)
+    p.set_defaults(func=cmd_bench_encoders)
+    p2 = bench.add_parser("search", help="/v1/search end to end, and FAISS search time against index size")
+    p2.add_argument("--index", type=Path, action="append",
+                    help="an index folder to measure (repeatable; needs --triton-url); default: build synthetic ones")
+    p2.add_argument("--triton-url", help="gRPC host:port of the Triton serving --index's models")
+    p2.add_argument("--items", type=int, default=10_000, help="items per synthetic index")
+    p2.add_argument("--queries", type=int, default=100, help="queries per index")
+    p2.add_argument("--sizes", type=_int_list, default=[1_000, 10_000, 100_000], help="FAISS collection sizes")
+    p2.add_argument("--types", default="flat,hnsw,ivfpq,pq", help="FAISS index types to time")
+    p2.set_defaults(func=cmd_bench_search)
+    for q in (p, p2):
+        q.add_argument("--encoders", nargs="+", help="default: every registered encoder")
+        q.add_argument("--preset", default="cpu", help="architecture of encoders without --checkpoints")
+        q.add_argument("--checkpoints", type=Path,
+                       help="a folder with one trained checkpoint folder per encoder (default: random weights, "
+                            "which time the same as trained ones)")
+        q.add_argument("--workdir", type=Path, default=Path("work/bench"), help="models, data, Triton logs; reused")
+        q.add_argument("--results", type=Path, default=Path("benchmarks/results"))
 
     p = sub.add_parser("encoders", help="list the registered encoders and their specs")
     p.set_defaults(func=cmd_encoders)

@@ -1,0 +1,23 @@
+"""Where a benchmark's results go: `<stem>.json` (with the machine stamp), `.md` and `.png`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.machine import machine_stamp
+
+
+def write_results(stem: Path, report: dict, markdown: str, plot: Callable[[Path], None]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stamp = machine_stamp()
+    report = {"machine": stamp, **report}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown + "\n" + machine_line(stamp) + "\n")
+    plot(stem.with_suffix(".png"))
+
+
+def machine_line(stamp: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in stamp["versions"].items())
+    return (f"Measured on {stamp['cpu']} ({stamp['cores']} cores, {stamp['torch_threads']} torch threads), "
+            f"GPU: {stamp['gpu'] or 'none'}; Python {stamp['python']}; {versions}. Command: `{stamp['command']}`")
