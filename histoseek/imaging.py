@@ -19,6 +19,10 @@ from histoseek.errors import HistoseekError
 # Decompression-bomb guard: an H&E patch is a few megapixels at most; whole-slide
 # images must be tiled with `histoseek data prepare`, not uploaded.
 DEFAULT_MAX_PIXELS = 64_000_000
+# The formats patches come in. Pillow opens some forty more, several through rarely
+# audited decoders (EPS even runs Ghostscript): untrusted uploads never reach them.
+FORMATS = ("PNG", "JPEG", "TIFF", "GIF", "BMP", "WEBP")  # JPEG covers MPO (multi-picture camera JPEGs)
+_SEND = "send a PNG, JPEG or TIFF file"
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
@@ -28,13 +32,13 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, na
     tiled by `data prepare`): no pixel limit, Pillow's own bomb guard included.
     """
     if not data:
-        raise HistoseekError(f"{name} is empty: send a PNG, JPEG or TIFF file")
+        raise HistoseekError(f"{name} is empty: {_SEND}")
     try:
         with warnings.catch_warnings():
             # Our own limit below replaces Pillow's warning; its hard error stays for
             # untrusted input and is lifted only for trusted files.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open_trusted(data) if max_pixels is None else Image.open(io.BytesIO(data))
+            image = _open_trusted(data) if max_pixels is None else Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise HistoseekError(
@@ -42,20 +46,23 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, na
                     "tile large images first (histoseek data prepare)"
                 )
             image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
     except HistoseekError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise HistoseekError(f"{name} is not a readable image ({exc}); send a PNG, JPEG or TIFF file") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise HistoseekError(f"{name} is corrupt or truncated ({exc}); re-export it and try again") from exc
-    return to_rgb(ImageOps.exif_transpose(image))
+        raise HistoseekError(f"{name} is not a readable image ({exc}); {_SEND}") from exc
+    except Exception as exc:
+        # Pillow's decoders fail on damaged files with many exception types (OSError,
+        # SyntaxError, struct.error, EOFError, IndexError, ...): all mean the same here.
+        raise HistoseekError(f"{name} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                             "re-export it and try again") from exc
 
 
 def _open_trusted(data: bytes) -> Image.Image:
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # process-wide in Pillow; restored at once
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=FORMATS)
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 
@@ -64,12 +71,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode (greyscale, 16-bit, float, RGBA, CMYK, palette) to 8-bit RGB."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit-depth microscopy exports: rescale the actual range to 0..255.
-        array = np.asarray(image, dtype=np.float64)
-        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
-        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
-        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # High bit-depth microscopy exports: rescale the actual (finite) range to 0..255.
+        array = np.array(image, dtype=np.float32)
+        finite = array[np.isfinite(array)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        np.nan_to_num(array, copy=False, nan=lo, posinf=hi, neginf=lo)
+        scale = 255 / (hi - lo) if hi > lo else 0.0
+        # Scaled before shifted, so that values near float32's limits cannot overflow.
+        scaled = np.clip(array * np.float32(scale) - np.float32(lo * scale), 0, 255)
+        return Image.fromarray(np.rint(scaled, out=scaled).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent regions become white, the colour of empty glass in brightfield.
         rgba = image.convert("RGBA")
