@@ -4,9 +4,14 @@ Endpoints are plain `def` functions, so FastAPI runs them in its thread pool: de
 FAISS search and Triton calls never block the event loop. Index and item names from
 URLs are only ever looked up among the indexes loaded at start, never joined to a path.
 Every error is JSON `{"error": "..."}` with a message a person can act on.
+
+Access: with API keys configured, every request that changes an index needs one (and,
+with `protect_search`, every read of the indexes too); `_Guard` checks keys and body
+size before the app reads a byte of the body. Keys are never logged.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -15,13 +20,14 @@ from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histoseek.errors import HistoseekError
-from histoseek.imaging import DEFAULT_MAX_PIXELS
 from server.embedder import Embedder, ModelNotFound, TritonUnavailable
 from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
@@ -33,11 +39,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Settings:
     max_upload_bytes: int = 20_000_000
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    # 25 MP (5000x5000) is far above a patch, and bounds what one request may decode to
+    # (75 MB of RGB; more in passing for 16-bit or float images) while others run.
+    max_pixels: int = 25_000_000
     max_k: int = 100
     default_k: int = 10
     triton_timeout_s: float = 30.0
     model_check_interval_s: float = 5.0  # how stale the served-model check may be
+    api_keys: tuple[str, ...] = ()  # none: no key needed anywhere
+    protect_search: bool = False  # keys for reads (search, indexes, thumbnails) too
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS off
 
 
 class Result(BaseModel):
@@ -82,9 +93,9 @@ class AddedItem(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 def _status_of(exc: HistoseekError) -> int:
@@ -101,8 +112,8 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.3g} MB"
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class Service:
@@ -145,7 +156,7 @@ class Service:
         limit = self.settings.max_upload_bytes
         data = upload.file.read(limit + 1)
         if len(data) > limit:
-            raise ApiError(413, f"{upload.filename or 'the image'} is larger than {_megabytes(limit)}; "
+            raise ApiError(413, f"{_upload_name(upload)} is larger than {_megabytes(limit)}; "
                                 "send a smaller patch or tile the image first (histoseek data prepare)")
         return data
 
@@ -170,6 +181,19 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
+def _multipart(request: Request) -> None:
+    """Uploads come as multipart/form-data; anything else would only get a puzzling 'field required'."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, f"send the image as multipart/form-data (got {content_type or 'no content type'!r}), "
+                            "e.g. curl -F image=@tile.png -F k=5 http://HOST/v1/search")
+
+
+def _upload_name(upload: UploadFile) -> str:
+    # Echoed in messages and stored as the item's source: a client's name, so kept short.
+    return (upload.filename or "image")[:200]
+
+
 def _image_url(index: str, item_id: int) -> str:
     return f"/v1/items/{quote(index, safe='')}/{item_id}/image"
 
@@ -183,17 +207,24 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     app = FastAPI(title="HistoSeek search API", version="1",
                   description="Content-based retrieval of histopathology image patches.")
     app.state.service = service
-    _install_metrics(app, service.settings.max_upload_bytes)
+    # Added innermost first: CORS outermost (its headers reach every answer, and a preflight
+    # needs no key), then the metrics (they count refusals too), then the guard.
+    app.add_middleware(_Guard, settings=service.settings)
+    _install_metrics(app)
+    if service.settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "X-API-Key"])
     _install_error_handlers(app)
+    upload = [Depends(_multipart)]
 
-    @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)")
+    @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)", dependencies=upload)
     def search(image: UploadFile = File(...), index: str | None = Form(None), k: int | None = Form(None),
                svc: Service = Depends(_service)) -> SearchResponse:
         k = svc.settings.default_k if k is None else k
         if not 1 <= k <= svc.settings.max_k:
             raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
         core = svc.core(index)
-        outcome = core.search(svc.read_upload(image), k, name=image.filename or "image")
+        outcome = core.search(svc.read_upload(image), k, name=_upload_name(image))
         name = core.folder.name
         for stage, ms in outcome.timings_ms.items():
             app.state.stage_seconds.labels(stage).observe(ms / 1000)
@@ -221,11 +252,12 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
             raise ApiError(404, f"index {index!r} has no item {item_id}")
         return Response(thumbnail, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/v1/indexes/{index}/items", status_code=201, summary="Embed an image and add it to an index")
+    @app.post("/v1/indexes/{index}/items", status_code=201, summary="Embed an image and add it to an index",
+              dependencies=upload)
     def add_item(index: str, image: UploadFile = File(...), label: str = Form(...), group: str | None = Form(None),
                  svc: Service = Depends(_service)) -> AddedItem:
         core = svc.core(index)
-        name = image.filename or "image"
+        name = _upload_name(image)
         embedding, thumbnail = core.prepare_item(svc.read_upload(image), name)
         # Without a group the item is its own group, as every image of a folder-per-class dataset.
         item = Item(-1, f"upload:{name}", label, group or f"upload:{time.time_ns()}", source=name)
@@ -256,7 +288,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(HistoseekError)
     async def histoseek_error(request: Request, exc: HistoseekError) -> JSONResponse:
@@ -272,7 +304,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        message = str(exc.detail)
+        if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
+            message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for those there are"
+        return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -280,7 +315,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
-def _install_metrics(app: FastAPI, max_upload_bytes: int) -> None:
+def _install_metrics(app: FastAPI) -> None:
     # An app-local registry: several apps (tests, workers) never share or clash on metrics.
     registry = CollectorRegistry()
     requests = Counter("histoseek_requests", "HTTP requests by endpoint and status",
@@ -290,9 +325,6 @@ def _install_metrics(app: FastAPI, max_upload_bytes: int) -> None:
     app.state.stage_seconds = Histogram(
         "histoseek_search_stage_seconds", "Time per search stage (decode, preprocess, embed, search, total)",
         ["stage"], registry=registry, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-    # Multipart overhead and the other form fields come on top of the image itself.
-    max_body = max_upload_bytes + 64 * 1024
-
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -313,13 +345,7 @@ def _install_metrics(app: FastAPI, max_upload_bytes: int) -> None:
                 await send(message)
 
             try:
-                length = dict(scope["headers"]).get(b"content-length", b"0")
-                if length.isdigit() and int(length) > max_body:
-                    # Refused before the body is read, so a huge upload costs nothing.
-                    await _error(413, f"the request is larger than {_megabytes(max_upload_bytes)}; "
-                                      "send a smaller image")(scope, receive, record_status)
-                else:
-                    await self.inner(scope, receive, record_status)
+                await self.inner(scope, receive, record_status)
             finally:
                 # The route template, not the raw path, keeps the label set small.
                 route = scope.get("route")
@@ -328,6 +354,77 @@ def _install_metrics(app: FastAPI, max_upload_bytes: int) -> None:
                 latency.labels(endpoint, scope["method"]).observe(time.perf_counter() - started)
 
     app.add_middleware(Middleware)
+
+
+# Requests that only read; every other method (and any endpoint added later) counts as a write.
+_READS = {("POST", "/v1/search")}
+# Closing the connection stops the client sending the rest of a refused body, which
+# uvicorn would otherwise read and throw away to keep the connection alive.
+_CLOSE = {"Connection": "close"}
+_OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+class _Guard:
+    """Refuses, before the body is read: requests without a valid API key, and bodies over the limit.
+
+    A body without a Content-Length (chunked) is counted as it arrives and cut off at the
+    limit, so that no upload is ever read, spooled or parsed beyond it.
+    """
+
+    def __init__(self, app, settings: Settings):
+        self.inner = app
+        self.keys = [key.encode() for key in settings.api_keys]
+        self.protect_search = settings.protect_search
+        # Multipart overhead and the other form fields come on top of the image itself.
+        self.max_body = settings.max_upload_bytes + 64 * 1024
+        self.too_large = f"the request is larger than {_megabytes(settings.max_upload_bytes)}; send a smaller image"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                # Raised inside the body parser, which stops there; the handlers answer 413.
+                raise StarletteHTTPException(413, self.too_large, _CLOSE)
+            return message
+
+        await self.inner(scope, counted_receive, send)
+
+    def refusal(self, scope, headers: Headers) -> JSONResponse | None:
+        method, path = scope["method"], scope["path"]
+        read = method in ("GET", "HEAD") or (method, path) in _READS
+        if self.keys and path not in _OPEN_PATHS and (self.protect_search or not read):
+            supplied = _supplied_key(headers)
+            if supplied is None:
+                return _error(401, "this endpoint needs an API key: send it as `Authorization: Bearer <key>` "
+                                   "or `X-API-Key: <key>`", {"WWW-Authenticate": "Bearer"})
+            # Every key is compared, in constant time, so timing tells nothing about any of them.
+            valid = False
+            for key in self.keys:
+                valid |= hmac.compare_digest(supplied, key)
+            if not valid:
+                return _error(403, "the API key is not valid for this server; use one of the keys given to "
+                                   "`histoseek serve` (--api-key-file or HISTOSEEK_API_KEYS)")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return _error(413, self.too_large, _CLOSE)  # a huge upload costs nothing: it is never read
+        return None
+
+
+def _supplied_key(headers: Headers) -> bytes | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    key = token if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+    # Starlette decodes headers as latin-1: encoding back gives the bytes that were sent.
+    return key.strip().encode("latin-1") or None
 
 
 def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str = "127.0.0.1", port: int = 8080,
@@ -340,6 +437,9 @@ def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str 
     # oversubscribe the cores (and spin), so every search keeps to its own thread.
     faiss.omp_set_num_threads(1)
     app = create_app(indexes_dir, triton_url, protocol, settings)
-    log.info("serving %d indexes from %s on http://%s:%d (docs at /docs)",
-             len(app.state.service.cores), indexes_dir, host, port)
+    settings = app.state.service.settings
+    access = ("no API keys: anyone who reaches the port may add and remove items" if not settings.api_keys else
+              f"{len(settings.api_keys)} API keys, needed for {'every request' if settings.protect_search else 'writes'}")
+    log.info("serving %d indexes from %s on http://%s:%d (docs at /docs); %s",
+             len(app.state.service.cores), indexes_dir, host, port, access)
     uvicorn.run(app, host=host, port=port, log_level="info")

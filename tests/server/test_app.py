@@ -178,7 +178,7 @@ def test_client(indexes_dir, triton_server):
     ({"image": ("q.png", png(np.zeros((8, 8, 3), np.uint8)))}, {"k": "0"}, 422, "k must be between 1 and 50"),
     ({"image": ("q.png", png(np.zeros((8, 8, 3), np.uint8)))}, {"k": "51"}, 422, "k must be between 1 and 50"),
     ({"image": ("q.png", png(np.zeros((8, 8, 3), np.uint8)))}, {"k": "ten"}, 422, "k: .*integer"),
-    ({}, {}, 422, "image: Field required"),
+    ({}, {}, 415, "send the image as multipart/form-data"),
     ({"image": ("big.png", png(np.zeros((1001, 1000, 3), np.uint8)))}, {}, 413, "more than the limit of 1,000,000"),
     ({"image": ("big.bin", bytes(210_000))}, {}, 413, "big.bin is larger than 0.2 MB"),  # read, then refused
     ({"image": ("big.bin", bytes(300_000))}, {}, 413, "request is larger than 0.2 MB"),  # refused unread
