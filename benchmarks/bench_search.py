@@ -80,8 +80,9 @@ def serve_indexes(indexes: list[Path], triton_url: str, workdir: Path) -> tuple[
 def measure_endpoint(url: str, index: str, queries: list[bytes], warmup: int = 5) -> dict:
     """Sequential searches: client-side latency percentiles and the API's median stage timings."""
     seconds, stages = [], {s: [] for s in STAGES}
+    warm = [queries[i % len(queries)] for i in range(warmup)]
     with httpx.Client(base_url=url, timeout=60) as client:
-        for i, image in enumerate(queries[:warmup] + queries):
+        for i, image in enumerate(warm + queries):
             started = time.perf_counter()
             response = client.post("/v1/search", files={"image": ("query.png", image, "image/png")},
                                    data={"index": index, "k": "10"})
