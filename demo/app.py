@@ -54,8 +54,8 @@ def _error(message: str, what: str = "Error") -> str:
     return f"⚠️ **{what}:** {message}"
 
 
-def build_demo(api_url: str) -> gr.Blocks:
-    client = SearchClient(api_url)
+def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
+    client = SearchClient(api_url, api_key=api_key)
 
     def refresh_indexes(current: str | None):
         try:
@@ -118,9 +118,13 @@ def build_demo(api_url: str) -> gr.Blocks:
     return blocks
 
 
-def launch(api_url: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> gr.Blocks:
-    """Serve the demo; with block=False it returns at once (tests; stop it with `.close()`)."""
-    blocks = build_demo(api_url)
+def launch(api_url: str, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           api_key: str | None = None) -> gr.Blocks:
+    """Serve the demo; with block=False it returns at once (tests; stop it with `.close()`).
+
+    The API key stays on the server side of the demo: the browser never sees it.
+    """
+    blocks = build_demo(api_url, api_key)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, theme=THEME, css=CSS,
                   ssr_mode=False, allowed_paths=[str(EXAMPLES_DIR)], show_error=False, quiet=not block)

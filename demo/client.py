@@ -29,9 +29,11 @@ class Hit:
 
 
 class SearchClient:
-    def __init__(self, api_url: str, timeout: float = 30.0):
+    def __init__(self, api_url: str, timeout: float = 30.0, api_key: str | None = None):
         self.api_url = api_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.api_url, timeout=timeout)
+        # Sent with every request: an API run with --protect-search needs it for searches too.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=self.api_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -76,6 +78,9 @@ class SearchClient:
                            f"({self._http.timeout.read:.0f} s).") from None
         except httpx.HTTPError as exc:
             raise ApiError(f"Request to the search API at {self.api_url} failed: {exc}") from None
+        if response.status_code in (401, 403):
+            raise ApiError(f"The search API answered {response.status_code}: {_error_message(response)}. Start the "
+                           "demo with `histoseek demo --api-key-file FILE`, FILE holding a key the API accepts.")
         if response.is_error:
             raise ApiError(f"The search API answered {response.status_code}: {_error_message(response)}")
         return response

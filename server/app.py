@@ -358,8 +358,8 @@ def _install_metrics(app: FastAPI) -> None:
 
 # Requests that only read; every other method (and any endpoint added later) counts as a write.
 _READS = {("POST", "/v1/search")}
-# Closing the connection stops the client sending the rest of a refused body, which
-# uvicorn would otherwise read and throw away to keep the connection alive.
+# Refusals close the connection: that stops the client sending the rest of a refused body,
+# which uvicorn would otherwise read and throw away to keep the connection alive.
 _CLOSE = {"Connection": "close"}
 _OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -406,14 +406,14 @@ class _Guard:
             supplied = _supplied_key(headers)
             if supplied is None:
                 return _error(401, "this endpoint needs an API key: send it as `Authorization: Bearer <key>` "
-                                   "or `X-API-Key: <key>`", {"WWW-Authenticate": "Bearer"})
+                                   "or `X-API-Key: <key>`", {"WWW-Authenticate": "Bearer", **_CLOSE})
             # Every key is compared, in constant time, so timing tells nothing about any of them.
             valid = False
             for key in self.keys:
                 valid |= hmac.compare_digest(supplied, key)
             if not valid:
                 return _error(403, "the API key is not valid for this server; use one of the keys given to "
-                                   "`histoseek serve` (--api-key-file or HISTOSEEK_API_KEYS)")
+                                   "`histoseek serve` (--api-key-file or HISTOSEEK_API_KEYS)", _CLOSE)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return _error(413, self.too_large, _CLOSE)  # a huge upload costs nothing: it is never read
