@@ -365,10 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     _triton_arguments(p)
-    p.add_argument("--max-upload-mb", type=_positive(float), default=20.0, help="largest image upload (MB)")
+    p.add_argument("--max-upload-mb", type=_positive(float), default=20.0,
+                   help="largest image upload in MB (default: %(default)s)")
     p.add_argument("--max-pixels", type=_positive(int), default=25_000_000,
-                   help="largest image (width x height) decoded; bigger ones must be tiled first")
-    p.add_argument("--max-k", type=_positive(int), default=100, help="most results one search may ask for")
+                   help="largest image (width x height) decoded; bigger ones must be tiled first "
+                        "(default: %(default)s)")
+    p.add_argument("--max-k", type=_positive(int), default=100,
+                   help="most results one search may ask for (default: %(default)s)")
     p.add_argument("--api-key-file", type=Path,
                    help=f"API keys, one a line: adding and removing items then needs one (default: ${API_KEYS_ENV}, "
                         "comma separated; neither: no keys)")

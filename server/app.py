@@ -306,7 +306,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
-            message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for those there are"
+            message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for the endpoints"
         return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
@@ -325,6 +325,7 @@ def _install_metrics(app: FastAPI) -> None:
     app.state.stage_seconds = Histogram(
         "histoseek_search_stage_seconds", "Time per search stage (decode, preprocess, embed, search, total)",
         ["stage"], registry=registry, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -439,7 +440,7 @@ def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str 
     app = create_app(indexes_dir, triton_url, protocol, settings)
     settings = app.state.service.settings
     access = ("no API keys: anyone who reaches the port may add and remove items" if not settings.api_keys else
-              f"{len(settings.api_keys)} API keys, needed for {'every request' if settings.protect_search else 'writes'}")
+              f"{len(settings.api_keys)} API keys, needed for {'reads and writes' if settings.protect_search else 'writes'}")
     log.info("serving %d indexes from %s on http://%s:%d (docs at /docs); %s",
              len(app.state.service.cores), indexes_dir, host, port, access)
     uvicorn.run(app, host=host, port=port, log_level="info")
