@@ -23,6 +23,19 @@ from histoseek.errors import HistoseekError
 
 START_HINT = "start it with `histoseek triton start --repo model_repository`"
 
+# gRPC reconnects to a lost server with exponential backoff, by default up to 120 s
+# apart, so after Triton was down for minutes the API would stay unready that long
+# after it is back. Retrying every second at most costs nothing on a LAN. The message
+# sizes are tritonclient's defaults, which passing any channel_args replaces (its
+# keepalive defaults are gRPC's own, so they need no repeating). min_reconnect_backoff
+# stays 20 s: it is also how long one connection attempt may take.
+_GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
 
 class TritonUnavailable(HistoseekError):
     """Triton cannot answer now: not running, unreachable, model not ready, or too slow."""
@@ -62,7 +75,7 @@ class Embedder:
         client = getattr(self._local, "client", None)
         if client is None:
             if self.protocol == "grpc":
-                client = grpcclient.InferenceServerClient(self.url)
+                client = grpcclient.InferenceServerClient(self.url, channel_args=_GRPC_CHANNEL_ARGS)
             else:
                 client = httpclient.InferenceServerClient(
                     self.url, connection_timeout=self.timeout, network_timeout=self.timeout
