@@ -49,7 +49,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, na
             return to_rgb(ImageOps.exif_transpose(image))
     except HistoseekError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        raise HistoseekError(f"{name} is not a readable image (not {', '.join(FORMATS)}); {_SEND}") from exc
+    except Image.DecompressionBombError as exc:
         raise HistoseekError(f"{name} is not a readable image ({exc}); {_SEND}") from exc
     except Exception as exc:
         # Pillow's decoders fail on damaged files with many exception types (OSError,

@@ -181,12 +181,15 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
+_AS_CURL = "as `curl -F image=@tile.png …` does"
+
+
 def _multipart(request: Request) -> None:
     """Uploads come as multipart/form-data; anything else would only get a puzzling 'field required'."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, f"send the image as multipart/form-data (got {content_type or 'no content type'!r}), "
-                            "e.g. curl -F image=@tile.png -F k=5 http://HOST/v1/search")
+                            f"{_AS_CURL}")
 
 
 def _upload_name(upload: UploadFile) -> str:
@@ -307,6 +310,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
             message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for the endpoints"
+        elif exc.status_code == 400:  # the multipart parser's: a body that is not the form it claims to be
+            message = f"{message.rstrip('.')}; send the image as multipart/form-data, {_AS_CURL}"
         return _error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
