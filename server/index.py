@@ -9,10 +9,12 @@ Consistency of add and remove (one writer at a time: an fcntl lock on `.write.lo
   HNSW cannot remove vectors, so there the rowless vectors stay as tombstones;
 - so a crash between the two writes leaves at worst rowless vectors. Opening a folder
   checks the invariant; under the lock, rowless vectors are removed from the index
-  (kept as tombstones for HNSW) and rows without a vector, which only outside tampering
-  can cause, are dropped. New ids start above every id the store ever handed out and
-  every vector the index holds, so a tombstone is never mistaken for a new item.
-manifest.json's `count` is refreshed last and only informs; the store's rows decide.
+  (kept as tombstones for HNSW), rows without a vector, which only outside tampering
+  can cause, are dropped, and a killed writer's temporary files are deleted. New ids
+  start above every id the store ever handed out and every vector the index holds or
+  held, so a tombstone or a stale snapshot's vector is never mistaken for a new item.
+manifest.json's `count` is refreshed last (and by a repair) and only informs; the
+store's rows decide.
 
 Readers never lock: they keep an in-memory snapshot of the FAISS index and replace it
 whole when the store's (build_id, generation) or index.faiss's file identity changes, so
@@ -106,6 +108,7 @@ class IndexFolder:
         if self._needs_repair(self._snapshot.faiss):
             with self._write_lock():
                 self._install(self._load_for_write(save=True))
+                self._update_manifest()
 
     @property
     def manifest(self) -> dict:
@@ -188,10 +191,15 @@ class IndexFolder:
     def _needs_repair(self, index: faiss.Index) -> bool:
         held, rows = set(faiss_ids(index).tolist()), set(self.store.ids().tolist())
         removable = self._manifest["index_type"] != "hnsw"
-        return bool(rows - held) or (removable and bool(held - rows))
+        return (bool(rows - held) or (removable and bool(held - rows)) or self._manifest.get("count") != len(rows)
+                or any(self.path.glob(".*.tmp")))
 
     def _load_for_write(self, save: bool = False) -> faiss.Index:
         """A fresh copy of the on-disk index, repaired; readers keep their snapshot meanwhile."""
+        # Temporary files of a killed writer (each may be a whole copy of index.faiss); any
+        # live writer would hold the lock we hold.
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         index = self._read()  # never a snapshot: another process may have written since
         held, rows = faiss_ids(index), self.store.ids()
         lost = np.setdiff1d(rows, held)
@@ -201,6 +209,9 @@ class IndexFolder:
         orphans = np.setdiff1d(held, rows)
         if len(orphans) and self._manifest["index_type"] != "hnsw":
             log.warning("%s: removing %d vectors left by an interrupted write", self.path, len(orphans))
+            # Their ids are never handed out again: a reader's older snapshot may still hold
+            # these vectors, and must not find a new item's row under their ids.
+            self.store.reserve_ids(int(orphans.max()) + 1)
             index.remove_ids(orphans)
             if save:
                 self._save_faiss(index)

@@ -126,6 +126,11 @@ class Store:
                 conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'",
                              (max(i.id for i in items) + 1,))
 
+    def reserve_ids(self, end: int) -> None:
+        """Never hand out ids below `end`."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'", (end,))
+
     def delete(self, ids: Iterable[int]) -> int:
         """Remove rows; returns how many existed."""
         with self._transaction() as conn:

@@ -3,12 +3,18 @@ an index edited by another process while the API serves it. Nothing may be lost 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -17,7 +23,8 @@ from PIL import Image
 
 from server import triton
 from server.app import Settings, create_app
-from server.index import build_index
+from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, build_index, faiss_ids
+from server.store import Item
 from server.triton import free_port
 
 pytestmark = pytest.mark.slow  # every test here starts Triton, a server or CLI processes
@@ -122,3 +129,128 @@ def test_api_recovers_when_triton_is_stopped_killed_and_restarted(
     finally:
         if triton.status(run_dir)["running"]:
             kill_triton(run_dir)  # a clean stop waits out the API's open HTTP connections (10 s)
+
+
+# -- index edits SIGKILLed at random points -----------------------------------------------------
+
+HISTOSEEK = [str(Path(sys.executable).parent / "histoseek")]
+
+
+def stored_rows(index_dir: Path) -> dict[int, tuple[str, int]]:
+    """id -> (label, thumbnail bytes) straight from items.sqlite (a hot journal is rolled back)."""
+    with closing(sqlite3.connect(index_dir / STORE_FILE)) as conn:
+        return {i: (label, size) for i, label, size in
+                conn.execute("SELECT id, label, length(thumbnail) FROM items")}
+
+
+def assert_consistent(index_dir: Path, index_type: str) -> tuple[dict[int, str], set[str]]:
+    """The folder after a crash: what any reader sees before a repair keeps the invariant (every
+    row has its vector); opening it repairs it to vectors == rows; a search works.
+    Returns id -> label, and the traces of an interrupted write that were found and repaired."""
+    traces = {"hot sqlite journal"} if (index_dir / f"{STORE_FILE}-journal").exists() else set()
+    traces |= {"temporary file"} if list(index_dir.glob(".*.tmp")) else set()
+    rows = stored_rows(index_dir)
+    manifest = json.loads((index_dir / MANIFEST_FILE).read_text())  # whole, never half-written
+    traces |= {"stale manifest count"} if manifest["count"] != len(rows) else set()
+    held = set(faiss_ids(faiss.read_index(str(index_dir / FAISS_FILE))).tolist())
+    assert set(rows) <= held, f"rows without a vector: {sorted(set(rows) - held)}"
+    if index_type != "hnsw":  # where vectors without rows are not tombstones kept on purpose
+        traces |= {"vectors without rows"} if held - set(rows) else set()
+    assert all(size > 0 for _, size in rows.values()), "a row without its thumbnail"
+
+    folder = IndexFolder(index_dir)
+    held = set(faiss_ids(faiss.read_index(str(index_dir / FAISS_FILE))).tolist())
+    assert set(folder.store.ids().tolist()) == set(rows)
+    assert held == set(rows) if index_type != "hnsw" else held >= set(rows)
+    assert json.loads((index_dir / MANIFEST_FILE).read_text())["count"] == len(rows)
+    hits = folder.search(np.full((1, 16), 0.25, np.float32), k=5)[0]
+    assert len(hits) == min(5, len(rows)) and all(h.id in rows for h in hits)
+    assert not list(index_dir.glob(".*.tmp")), "a killed write's temporary files were not cleaned up"
+    return {i: label for i, (label, _) in rows.items()}, traces
+
+
+def test_a_killed_adds_ids_never_name_a_later_item(tmp_path, synth_data, triton_server):
+    index_dir = build_index("tiny", synth_data, tmp_path / "tissue", triton_url=triton_server.grpc_url, batch=8)
+    api = IndexFolder(index_dir)  # a reader, as the API holds it
+    old, new = np.eye(16, dtype=np.float32)[:2]
+    index = faiss.read_index(str(index_dir / FAISS_FILE))
+    index.add_with_ids(old[None], np.array([24]))  # an add killed after its vector was written
+    faiss.write_index(index, str(index_dir / FAISS_FILE))
+    snapshot = api.snapshot()  # holds the rowless vector 24
+
+    (added,) = IndexFolder(index_dir).add(new[None], [Item(-1, "new.png", "new", "g")], [b"jpeg"])
+    # A search that took its snapshot just before the add finds `old` under id 24; the row
+    # it then looks up must not be the new item, whose vector is another.
+    ids = snapshot.faiss.search(old[None], 1)[1][0]
+    assert ids[0] == 24 and added > 24 and api.store.lookup(ids) == {}
+
+
+def run_and_kill(command: list[str], index_dir: Path, rng: np.random.Generator) -> bool:
+    """Run a CLI command and SIGKILL it at a random point; True if it finished first.
+
+    Half the kills land anywhere in the run (start-up, embedding, writing); the other half
+    within 30 ms of its first write to the folder (a file created, replaced or removed there
+    changes the folder's mtime), as the write itself takes only a few milliseconds."""
+    before = os.stat(index_dir).st_mtime_ns
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if rng.random() < 0.5:
+        deadline = time.monotonic() + rng.uniform(0, 3)
+    else:
+        deadline = time.monotonic() + 10
+        while os.stat(index_dir).st_mtime_ns == before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        deadline = time.monotonic() + rng.uniform(0, 0.03)
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    stderr = process.communicate()[1].decode()
+    assert process.returncode in (0, -signal.SIGKILL), stderr
+    return process.returncode == 0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_index_edits_killed_at_random_points_lose_nothing(tmp_path, synth_data, triton_server, index_type):
+    index_dir = build_index("tiny", synth_data, tmp_path / "tissue", index_type=index_type,
+                            triton_url=triton_server.grpc_url, batch=8)
+    images = sorted(synth_data.glob("*/*.png"))[::6]  # 4 images per add
+    rng = np.random.default_rng(7)
+    expected = assert_consistent(index_dir, index_type)[0]  # id -> label of every item that must be there
+    outcomes: list[tuple[str, bool]] = []
+    repaired: dict[str, int] = {}
+    started = time.monotonic()
+    while len(outcomes) < 25 and time.monotonic() - started < 45:
+        batches = sorted({label for label in expected.values() if label.startswith("add")})
+        if batches and rng.random() < 0.4:  # remove one earlier add's items, all at once
+            label = batches[rng.integers(len(batches))]
+            ids = [i for i, known in expected.items() if known == label]
+            command = [*HISTOSEEK, "index", "remove", "--index", str(index_dir), *(f"--id={i}" for i in ids)]
+        else:
+            label = f"add{len(outcomes)}"
+            command = [*HISTOSEEK, "index", "add", "--index", str(index_dir), "--label", label,
+                       "--triton-url", triton_server.grpc_url, *(f"--image={p}" for p in images)]
+        completed = run_and_kill(command, index_dir, rng)
+        outcomes.append((command[2], completed))
+        found, traces = assert_consistent(index_dir, index_type)
+        for trace in traces:
+            repaired[trace] = repaired.get(trace, 0) + 1
+
+        # All or nothing: an add's items are all there or none is; a remove took all or none.
+        in_batch = [i for i, known in found.items() if known == label]
+        if command[2] == "add":
+            assert len(in_batch) in ((len(images),) if completed else (0, len(images))), in_batch
+            expected.update((i, label) for i in in_batch)
+        else:
+            assert in_batch == ([] if completed else in_batch) and len(in_batch) in (0, len(ids)), in_batch
+            for i in ids if not in_batch else []:
+                del expected[i]
+        lost = {i: label for i, label in expected.items() if found.get(i) != label}
+        assert not lost, f"lost or changed after {outcomes[-1]}: {lost}"
+        assert set(found) == set(expected), f"items nobody added: {set(found) - set(expected)}"
+
+    kills = sum(not completed for _, completed in outcomes)
+    tally = {f"{verb}s {'completed' if done else 'killed'}": outcomes.count((verb, done))
+             for verb in ("add", "remove") for done in (True, False)}
+    print(f"\n{index_type}: {tally} in {time.monotonic() - started:.0f}s, {len(expected)} items at the end, "
+          f"nothing lost; traces of killed writes, repaired: {repaired}")
+    assert kills >= len(outcomes) // 3  # the loop really did kill edits
