@@ -254,3 +254,83 @@ def test_index_edits_killed_at_random_points_lose_nothing(tmp_path, synth_data, 
     print(f"\n{index_type}: {tally} in {time.monotonic() - started:.0f}s, {len(expected)} items at the end, "
           f"nothing lost; traces of killed writes, repaired: {repaired}")
     assert kills >= len(outcomes) // 3  # the loop really did kill edits
+
+
+# -- one writer at a time, many readers, across processes ----------------------------------------
+
+def test_searches_see_consistent_items_while_the_cli_and_the_api_edit_the_index(
+        tmp_path, synth_data, triton_server, serve_api):
+    index_dir = build_index("tiny", synth_data, tmp_path / "indexes" / "tissue",
+                            triton_url=triton_server.grpc_url, batch=8)
+    api = serve_api(index_dir.parent, triton_server.grpc_url)
+    rng = np.random.default_rng(3)
+    new_images = []
+    for n in range(12):  # images unlike the indexed ones, to be added by the CLI
+        new_images.append(tmp_path / f"new_{n}.png")
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), np.uint8)).save(new_images[-1])
+    originals = sorted(synth_data.glob("*/*.png"))[::5]
+    failures: list[str] = []
+    searches, api_edits = [], []  # one entry per request (list.append is atomic)
+    done = threading.Event()
+
+    def check(client: httpx.Client, query: Path) -> None:
+        response = client.post("/v1/search", files={"image": ("q.png", query.read_bytes())}, data={"k": "5"})
+        searches.append(response.status_code)
+        if response.status_code != 200:
+            failures.append(f"{response.status_code}: {response.text}")
+            return
+        results = response.json()["results"]
+        # A vector paired with another item's row would show as a perfect score on the wrong
+        # image, or a lower one on the query's own image.
+        if query in originals:  # always indexed; the synthetic tiles of a class share a source
+            consistent = results[0]["score"] > 0.999 and results[0]["label"] == query.parent.name
+        else:  # indexed while the CLI's add has completed and its remove has not
+            consistent = all((r["score"] > 0.999) == (r["source"] == str(query)) for r in results)
+        if not consistent:
+            failures.append(f"query {query.name}: {results}")
+
+    def search_until_done(seed: int) -> None:
+        queries = originals + new_images
+        with httpx.Client(base_url=api, timeout=30) as client:
+            while not done.is_set():
+                check(client, queries[(seed := seed + 1) % len(queries)])
+
+    def api_adds_and_deletes() -> None:
+        with httpx.Client(base_url=api, timeout=30) as client:
+            while not done.is_set():
+                pixels = png(rng.integers(0, 256, (16, 16, 3), np.uint8))
+                added = client.post("/v1/indexes/tissue/items", files={"image": ("api.png", pixels)},
+                                    data={"label": "api"})
+                deleted = client.delete(f"/v1/indexes/tissue/items/{added.json()['id']}")
+                api_edits.append(2)
+                if (added.status_code, deleted.status_code) != (201, 200):
+                    failures.append(f"API add/delete: {added.text} {deleted.text}")
+
+    threads = [threading.Thread(target=search_until_done, args=(seed,)) for seed in range(4)]
+    threads.append(threading.Thread(target=api_adds_and_deletes))
+    for thread in threads:
+        thread.start()
+    try:
+        cli = [*HISTOSEEK, "index"]
+        for n in range(3):  # the CLI adds 4 images at a time while the API serves and edits
+            batch = new_images[4 * n:4 * n + 4]
+            subprocess.run([*cli, "add", "--index", str(index_dir), "--label", f"cli{n}",
+                            "--triton-url", triton_server.grpc_url, *(f"--image={p}" for p in batch)],
+                           check=True, capture_output=True)
+            with httpx.Client(base_url=api, timeout=30) as client:  # the API sees them at once
+                for image in batch:
+                    top = client.post("/v1/search", files={"image": ("q.png", image.read_bytes())}).json()
+                    assert top["results"][0]["source"] == str(image), top
+        removed = [i for i, (label, _) in stored_rows(index_dir).items() if label == "cli0"]
+        subprocess.run([*cli, "remove", "--index", str(index_dir), *(f"--id={i}" for i in removed)],
+                       check=True, capture_output=True)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(60)
+    print(f"\n{len(searches)} searches, {len(api_edits)} API add+delete pairs, 4 CLI edits: "
+          f"{len(failures)} inconsistent")
+    assert failures == []
+    labels, _ = assert_consistent(index_dir, "flat")
+    assert sorted(labels.values()).count("cli1") == sorted(labels.values()).count("cli2") == 4
+    assert "cli0" not in labels.values() and "api" not in labels.values() and len(labels) == 24 + 8
