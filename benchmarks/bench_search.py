@@ -6,7 +6,7 @@ HTTP, so a latency is decode + preprocess + Triton embedding + FAISS search + th
 and JSON around them. The API's own per-stage timings come back in each response.
 
 FAISS: for every embedding dimension measured, collections of 1k to 1M vectors sampled
-around the encoder's real embeddings of the query tiles, in each index type as
+around the vectors stored in the encoder's index, in each index type as
 `histoseek index build` makes it (same defaults), searched one query at a time on one
 thread as the server does; recall@10 against the exact flat index of the same vectors.
 """
@@ -29,7 +29,7 @@ from benchmarks.vectors import realistic, recall_at_10
 from histoseek.errors import HistoseekError
 from histoseek.imaging import decode_image, resize_and_crop
 from server.embedder import Embedder
-from server.index import IndexFolder
+from server.index import FAISS_FILE, IndexFolder
 from server.index_types import code_bytes_per_item, new_faiss_index
 from server.triton import free_port
 
@@ -99,10 +99,17 @@ def measure_endpoint(url: str, index: str, queries: list[bytes], warmup: int = 5
             "goal_p50_under_100ms": summary["p50_ms"] < GOAL_P50_MS}
 
 
-def query_embeddings(triton_url: str, model: str, queries: list[bytes]) -> np.ndarray:
-    embedder = Embedder(triton_url, model)
-    size = int(embedder.spec()["input_size"])
-    return embedder.embed(np.stack([resize_and_crop(decode_image(q), size) for q in queries]))
+def base_vectors(folder: IndexFolder, triton_url: str, queries: list[bytes]) -> np.ndarray:
+    """The index's own stored vectors (thousands of distinct points, as a real collection has);
+    the query tiles' embeddings when the index type cannot give its vectors back."""
+    index = faiss.read_index(str(folder.path / FAISS_FILE))
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    try:
+        return inner.reconstruct_n(0, inner.ntotal)
+    except RuntimeError:  # e.g. an IVF index without a direct map
+        embedder = Embedder(triton_url, folder.manifest["encoder"])
+        size = int(embedder.spec()["input_size"])
+        return embedder.embed(np.stack([resize_and_crop(decode_image(q), size) for q in queries]))
 
 
 def faiss_sweep(dim: int, base: np.ndarray, sizes: list[int], types: list[str], seed: int = 0,
@@ -167,6 +174,5 @@ def run(indexes: list[Path], triton_url: str, workdir: Path, queries: list[bytes
         dim = folder.manifest["dimension"]
         if dim not in seen:
             seen.add(dim)
-            base = query_embeddings(triton_url, folder.manifest["encoder"], queries)
-            sweeps += faiss_sweep(dim, base, sizes, types)
+            sweeps += faiss_sweep(dim, base_vectors(folder, triton_url, queries), sizes, types)
     return {"endpoint": endpoint, "faiss": sweeps}

@@ -26,7 +26,7 @@ def markdown(report: dict, settings: dict) -> str:
     lines += ["", f"Settings: {settings['queries']} queries per index after 5 warm-up queries"
               + (f"; indexes of {settings['items']:,} synthetic 64 px tiles embedded through Triton, "
                  f"`{settings['preset']}` presets" if "items" in settings else "")
-              + "; FAISS collections sampled around each encoder's real embeddings of the query tiles. "
+              + "; FAISS collections sampled around the vectors stored in each dimension's first index (with random-init encoders these are close together, a hard case for quantisation: see the compact-codes table for recall on trained embeddings). "
               "GPU (faiss-gpu): **not measured** unless a GPU is named below."]
     return "\n".join(lines) + "\n"
 
