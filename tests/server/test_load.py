@@ -41,25 +41,29 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+def start_api_process(indexes_dir: Path, triton_url: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`histoseek serve` in a subprocess, once ready: the process and its base URL."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "histoseek"), "serve", "--indexes", str(indexes_dir),
+             "--port", str(port), "--triton-url", triton_url], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.fixture
 def api_process(tmp_path, synth_data, triton_server):
     """`histoseek serve` over one index, in a subprocess: (base URL, pid)."""
     build_index("tiny", synth_data, tmp_path / "indexes" / "tissue", triton_url=triton_server.grpc_url, batch=8)
-    port = free_port()
-    with open(tmp_path / "serve.log", "wb") as log:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "histoseek"), "serve", "--indexes", str(tmp_path / "indexes"),
-             "--port", str(port), "--triton-url", triton_server.grpc_url],
-            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    process, url = start_api_process(tmp_path / "indexes", triton_server.grpc_url, tmp_path / "serve.log")
     yield url, process.pid
     process.send_signal(signal.SIGTERM)
     process.wait(30)
