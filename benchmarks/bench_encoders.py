@@ -48,8 +48,10 @@ def flops_per_image(module: torch.nn.Module, size: int) -> float:
 def measure_paths(model: ServedModel, info, batches: list[int], runs: int, warmup: int, seed: int = 0) -> dict:
     backbone, spec = checkpoint.load_backbone(model.checkpoint)
     eager = ContractModel(backbone, spec).eval()
-    # The same providers as the served model on this machine (CPU here; CUDA/TensorRT when present).
-    session = ort.InferenceSession(str(model.onnx), providers=ort.get_available_providers())
+    # The session the served model.py makes: same providers, worker threads that do not spin.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(model.onnx), sess_options=options, providers=ort.get_available_providers())
     http = httpclient.InferenceServerClient(info.http_url)
     grpc = grpcclient.InferenceServerClient(info.grpc_url)
     rng = np.random.default_rng(seed)

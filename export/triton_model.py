@@ -46,8 +46,13 @@ class TritonPythonModel:
         )
         # onnxruntime falls back to the next provider itself when one fails to start
         # (e.g. TensorRT libraries missing), so the log line says what actually runs.
+        options = ort.SessionOptions()
+        # onnxruntime's worker threads otherwise spin for a while after every run, taking
+        # the cores from the search API beside Triton: on 2 cores that made the FAISS
+        # search after each embedding 4-6x slower (`histoseek bench search`, 2026-11-23).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
-            os.path.join(version_dir, "model.onnx"), providers=providers
+            os.path.join(version_dir, "model.onnx"), sess_options=options, providers=providers
         )
         pb_utils.Logger.log_info(
             f"{args['model_name']} v{args['model_version']}: onnxruntime {ort.__version__} "
