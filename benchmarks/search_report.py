@@ -50,10 +50,13 @@ def plot(report: dict, path: Path) -> None:
     left.set_title("/v1/search: median stage times and client p50")
     left.tick_params(axis="x", rotation=30)
     left.legend(fontsize=8)
-    for dim in sorted({r["dimension"] for r in report["faiss"]}):
-        for kind in dict.fromkeys(r["type"] for r in report["faiss"]):
+    # Colour says the index type, line style the dimension.
+    kinds = list(dict.fromkeys(r["type"] for r in report["faiss"]))
+    for dim, style in zip(sorted({r["dimension"] for r in report["faiss"]}), ("-", "--", ":", "-.")):
+        for colour, kind in enumerate(kinds):
             rows = [r for r in report["faiss"] if r["dimension"] == dim and r["type"] == kind]
-            right.plot([r["items"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label=f"{kind}, d={dim}")
+            right.plot([r["items"] for r in rows], [r["p50_ms"] for r in rows], marker="o", linestyle=style,
+                       color=f"C{colour}", label=f"{kind}, d={dim}")
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("items in the index")
