@@ -6,15 +6,13 @@ URLs are only ever looked up among the indexes loaded at start, never joined to 
 Every error is JSON `{"error": "..."}` with a message a person can act on.
 
 Access: with API keys configured, every request that changes an index needs one (and,
-with `protect_search`, every read of the indexes too); `_Guard` checks keys and body
+with `protect_search`, every read of the indexes too); `server.guard` checks keys and body
 size before the app reads a byte of the body. Keys are never logged.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,33 +20,20 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histoseek.errors import HistoseekError
+from server.api_metrics import install_metrics
 from server.embedder import Embedder, ModelNotFound, TritonUnavailable
+from server.guard import RequestGuard
+from server.http_errors import json_error, megabytes
 from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
+from server.settings import Settings
 from server.store import Item
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    max_upload_bytes: int = 20_000_000
-    # 25 MP (5000x5000) is far above a patch, and bounds what one request may decode to
-    # (75 MB of RGB; more in passing for 16-bit or float images) while others run.
-    max_pixels: int = 25_000_000
-    max_k: int = 100
-    default_k: int = 10
-    triton_timeout_s: float = 30.0
-    model_check_interval_s: float = 5.0  # how stale the served-model check may be
-    api_keys: tuple[str, ...] = ()  # none: no key needed anywhere
-    protect_search: bool = False  # keys for reads (search, indexes, thumbnails) too
-    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS off
 
 
 class Result(BaseModel):
@@ -108,14 +93,6 @@ def _status_of(exc: HistoseekError) -> int:
     return 500
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.3g} MB"
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 class Service:
     """The loaded indexes, one Embedder per encoder, and the settings."""
 
@@ -156,7 +133,7 @@ class Service:
         limit = self.settings.max_upload_bytes
         data = upload.file.read(limit + 1)
         if len(data) > limit:
-            raise ApiError(413, f"{_upload_name(upload)} is larger than {_megabytes(limit)}; "
+            raise ApiError(413, f"{_upload_name(upload)} is larger than {megabytes(limit)}; "
                                 "send a smaller patch or tile the image first (histoseek data prepare)")
         return data
 
@@ -212,8 +189,8 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     app.state.service = service
     # Added innermost first: CORS outermost (its headers reach every answer, and a preflight
     # needs no key), then the metrics (they count refusals too), then the guard.
-    app.add_middleware(_Guard, settings=service.settings)
-    _install_metrics(app)
+    app.add_middleware(RequestGuard, settings=service.settings)
+    install_metrics(app)
     if service.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "X-API-Key"])
@@ -290,147 +267,34 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
+    async def apijson_error(request: Request, exc: ApiError) -> JSONResponse:
+        return json_error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(HistoseekError)
-    async def histoseek_error(request: Request, exc: HistoseekError) -> JSONResponse:
+    async def histoseekjson_error(request: Request, exc: HistoseekError) -> JSONResponse:
         status = _status_of(exc)
         if status == 500:
             log.error("request %s failed: %s", request.url.path, exc)
-        return _error(status, str(exc))
+        return json_error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validationjson_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
-        return _error(422, "invalid request: " + "; ".join(problems) + " (see /docs)")
+        return json_error(422, "invalid request: " + "; ".join(problems) + " (see /docs)")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def httpjson_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
             message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for the endpoints"
         elif exc.status_code == 400:  # the multipart parser's: a body that is not the form it claims to be
             message = f"{message.rstrip('.')}; send the image as multipart/form-data, {_AS_CURL}"
-        return _error(exc.status_code, message, exc.headers)
+        return json_error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
-
-
-def _install_metrics(app: FastAPI) -> None:
-    # An app-local registry: several apps (tests, workers) never share or clash on metrics.
-    registry = CollectorRegistry()
-    requests = Counter("histoseek_requests", "HTTP requests by endpoint and status",
-                       ["endpoint", "method", "status"], registry=registry)
-    latency = Histogram("histoseek_request_duration_seconds", "HTTP request latency",
-                        ["endpoint", "method"], registry=registry)
-    app.state.stage_seconds = Histogram(
-        "histoseek_search_stage_seconds", "Time per search stage (decode, preprocess, embed, search, total)",
-        ["stage"], registry=registry, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    class Middleware:
-        def __init__(self, app):
-            self.inner = app
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] != "http":
-                return await self.inner(scope, receive, send)
-            started, status = time.perf_counter(), 500
-
-            async def record_status(message):
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            try:
-                await self.inner(scope, receive, record_status)
-            finally:
-                # The route template, not the raw path, keeps the label set small.
-                route = scope.get("route")
-                endpoint = getattr(route, "path", "unmatched")
-                requests.labels(endpoint, scope["method"], str(status)).inc()
-                latency.labels(endpoint, scope["method"]).observe(time.perf_counter() - started)
-
-    app.add_middleware(Middleware)
-
-
-# Requests that only read; every other method (and any endpoint added later) counts as a write.
-_READS = {("POST", "/v1/search")}
-# Refusals close the connection: that stops the client sending the rest of a refused body,
-# which uvicorn would otherwise read and throw away to keep the connection alive.
-_CLOSE = {"Connection": "close"}
-_OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-
-
-class _Guard:
-    """Refuses, before the body is read: requests without a valid API key, and bodies over the limit.
-
-    A body without a Content-Length (chunked) is counted as it arrives and cut off at the
-    limit, so that no upload is ever read, spooled or parsed beyond it.
-    """
-
-    def __init__(self, app, settings: Settings):
-        self.inner = app
-        self.keys = [key.encode() for key in settings.api_keys]
-        self.protect_search = settings.protect_search
-        # Multipart overhead and the other form fields come on top of the image itself.
-        self.max_body = settings.max_upload_bytes + 64 * 1024
-        self.too_large = f"the request is larger than {_megabytes(settings.max_upload_bytes)}; send a smaller image"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        headers = Headers(scope=scope)
-        refusal = self.refusal(scope, headers)
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                # Raised inside the body parser, which stops there; the handlers answer 413.
-                raise StarletteHTTPException(413, self.too_large, _CLOSE)
-            return message
-
-        await self.inner(scope, counted_receive, send)
-
-    def refusal(self, scope, headers: Headers) -> JSONResponse | None:
-        method, path = scope["method"], scope["path"]
-        read = method in ("GET", "HEAD") or (method, path) in _READS
-        if self.keys and path not in _OPEN_PATHS and (self.protect_search or not read):
-            supplied = _supplied_key(headers)
-            if supplied is None:
-                return _error(401, "this endpoint needs an API key: send it as `Authorization: Bearer <key>` "
-                                   "or `X-API-Key: <key>`", {"WWW-Authenticate": "Bearer", **_CLOSE})
-            # Every key is compared, in constant time, so timing tells nothing about any of them.
-            valid = False
-            for key in self.keys:
-                valid |= hmac.compare_digest(supplied, key)
-            if not valid:
-                return _error(403, "the API key is not valid for this server; use one of the keys given to "
-                                   "`histoseek serve` (--api-key-file or HISTOSEEK_API_KEYS)", _CLOSE)
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            return _error(413, self.too_large, _CLOSE)  # a huge upload costs nothing: it is never read
-        return None
-
-
-def _supplied_key(headers: Headers) -> bytes | None:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    key = token if scheme.lower() == "bearer" else headers.get("x-api-key", "")
-    # Starlette decodes headers as latin-1: encoding back gives the bytes that were sent.
-    return key.strip().encode("latin-1") or None
+        return json_error(500, f"internal error ({type(exc).__name__}); the server log has the details")
 
 
 def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str = "127.0.0.1", port: int = 8080,

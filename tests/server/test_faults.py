@@ -26,7 +26,7 @@ from server.app import Settings, create_app
 from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, build_index, faiss_ids
 from server.store import Item
 from server.triton import free_port
-from tests.server.test_load import start_api_process
+from tests.server.api_process import start_api_process
 
 pytestmark = pytest.mark.slow  # every test here starts Triton, a server or CLI processes
 

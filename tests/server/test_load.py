@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 from server.index import build_index
-from server.triton import free_port
+from tests.server.api_process import start_api_process
 
 pytestmark = pytest.mark.slow
 
@@ -39,24 +37,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def start_api_process(indexes_dir: Path, triton_url: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`histoseek serve` in a subprocess, once ready: the process and its base URL."""
-    port = free_port()
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "histoseek"), "serve", "--indexes", str(indexes_dir),
-             "--port", str(port), "--triton-url", triton_url], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
 
 
 @pytest.fixture
