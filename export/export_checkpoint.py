@@ -9,6 +9,7 @@ import numpy as np
 
 from export.onnx_export import export_onnx
 from export.repository import write_model_version
+from export.triton_config import MAX_QUEUE_DELAY_US
 from export.verify import sample_images, verify_onnx
 from histoseek.errors import HistoseekError
 from training import checkpoint
@@ -16,7 +17,8 @@ from training import checkpoint
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, verify_data: Path | None = None) -> Path:
+def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, verify_data: Path | None = None,
+                      queue_delay_us: int = MAX_QUEUE_DELAY_US) -> Path:
     """Export, verify on real images (the training data unless `verify_data` is given),
     and write the next version of `repo/<encoder>/`; returns the version folder."""
     backbone, spec = checkpoint.load_backbone(checkpoint_dir)
@@ -35,6 +37,7 @@ def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, v
         for file_name, array in getattr(backbone, "export_arrays", dict)().items():
             np.save(Path(tmp) / file_name, array)
             extra_files[file_name] = Path(tmp) / file_name
-        version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16, extra_files=extra_files)
+        version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16, extra_files=extra_files,
+                                          queue_delay_us=queue_delay_us)
     print(f"exported {spec.name} to {version_dir} (ONNX vs PyTorch max abs diff {max_diff:.2e} on {len(images)} images)")
     return version_dir

@@ -22,7 +22,12 @@ from typing import Any
 
 import onnx
 
-from export.triton_config import TENSORRT_CONFIG_NAME, python_backend_config, tensorrt_fp16_config
+from export.triton_config import (
+    MAX_QUEUE_DELAY_US,
+    TENSORRT_CONFIG_NAME,
+    python_backend_config,
+    tensorrt_fp16_config,
+)
 from histoseek.atomic import staged_directory, write_json, write_text
 from histoseek.errors import HistoseekError
 
@@ -102,8 +107,10 @@ def write_model_version(
     *,
     fp16: bool = False,
     extra_files: dict[str, Path] | None = None,
+    queue_delay_us: int = MAX_QUEUE_DELAY_US,
 ) -> Path:
-    """Add `onnx_path` as the next version of model `spec['name']`; return its folder."""
+    """Add `onnx_path` as the next version of model `spec['name']`; return its folder.
+    `queue_delay_us`: how long Triton's dynamic batcher may hold a request for others."""
     missing = [k for k in ("name", "input_size", "embedding_dim") if k not in spec]
     if missing:
         raise HistoseekError(
@@ -120,6 +127,8 @@ def write_model_version(
             raise HistoseekError(
                 f"extra file name {file_name!r} is not allowed in a version folder"
             )
+    if queue_delay_us < 0:
+        raise HistoseekError(f"the batching queue delay must be 0 or more microseconds, got {queue_delay_us}")
     if not Path(onnx_path).is_file():
         raise HistoseekError(f"no ONNX file at {onnx_path}; export the checkpoint first")
 
@@ -142,7 +151,7 @@ def write_model_version(
         )
 
     # Configs after the version: they name the latest version's checksum.
-    served = {"model_version": version, "model_sha256": sha256}
+    served = {"model_version": version, "model_sha256": sha256, "queue_delay_us": queue_delay_us}
     write_text(model_dir / "config.pbtxt", python_backend_config(spec, fp16=fp16, **served))
     write_text(
         model_dir / "configs" / f"{TENSORRT_CONFIG_NAME}.pbtxt",

@@ -36,7 +36,7 @@ def _parameters(params: dict[str, str]) -> str:
     )
 
 
-def _common(spec: dict[str, Any], max_batch_size: int, params: dict[str, str]) -> str:
+def _common(spec: dict[str, Any], max_batch_size: int, queue_delay_us: int, params: dict[str, str]) -> str:
     size, dim = int(spec["input_size"]), int(spec["embedding_dim"])
     all_params = {
         "encoder_spec": json.dumps(spec, sort_keys=True, ensure_ascii=True),
@@ -52,7 +52,7 @@ input [
 output [
   {{ name: "embeddings" data_type: TYPE_FP32 dims: [ {dim} ] }}
 ]
-dynamic_batching {{ max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US} }}
+dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 version_policy: {{ latest: {{ num_versions: 1 }} }}
 {_parameters(all_params)}
 """
@@ -78,11 +78,12 @@ def python_backend_config(
     model_version: int | None = None,
     model_sha256: str | None = None,
     max_batch_size: int = MAX_BATCH_SIZE,
+    queue_delay_us: int = MAX_QUEUE_DELAY_US,
 ) -> str:
     """Config for pip's Triton: python backend on a CPU instance; model.py picks the EP."""
     return (
         'backend: "python"\n'
-        + _common(spec, max_batch_size, _served_params(fp16, model_version, model_sha256))
+        + _common(spec, max_batch_size, queue_delay_us, _served_params(fp16, model_version, model_sha256))
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
     )
 
@@ -93,11 +94,12 @@ def tensorrt_fp16_config(
     model_version: int | None = None,
     model_sha256: str | None = None,
     max_batch_size: int = MAX_BATCH_SIZE,
+    queue_delay_us: int = MAX_QUEUE_DELAY_US,
 ) -> str:
     """Config for NVIDIA's Triton container: onnxruntime backend with TensorRT FP16 on GPU."""
     return (
         'platform: "onnxruntime_onnx"\nbackend: "onnxruntime"\n'
-        + _common(spec, max_batch_size, _served_params(True, model_version, model_sha256))
+        + _common(spec, max_batch_size, queue_delay_us, _served_params(True, model_version, model_sha256))
         + "instance_group [ { kind: KIND_GPU count: 1 } ]\n"
         + """optimization { execution_accelerators { gpu_execution_accelerator: [ {
   name: "tensorrt"

@@ -83,7 +83,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from export.export_checkpoint import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.repo, fp16=args.fp16, verify_data=args.verify_data)
+    export_checkpoint(args.checkpoint, args.repo, fp16=args.fp16, verify_data=args.verify_data,
+                      queue_delay_us=args.queue_delay_us)
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -307,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--fp16", action="store_true", help="half-precision weights (for GPUs)")
+    p.add_argument("--queue-delay-us", type=int, default=0,
+                   help="how long Triton's dynamic batcher may hold a request for others to join (0: no wait; "
+                        "requests arriving while the model is busy are batched anyway)")
     p.add_argument("--verify-data", type=Path, help="images to verify on (default: the training data)")
     p.set_defaults(func=cmd_export)
 

@@ -64,7 +64,7 @@ def test_python_backend_config(tmp_path, tiny_onnx):
         "images", model_config_pb2.TYPE_UINT8, [8, 8, 3])
     assert (embeddings.name, embeddings.data_type, list(embeddings.dims)) == (
         "embeddings", model_config_pb2.TYPE_FP32, [16])
-    assert config.HasField("dynamic_batching")
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 0
     assert config.version_policy.latest.num_versions == 1
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
 
@@ -86,6 +86,14 @@ def test_tensorrt_fp16_config(tmp_path, tiny_onnx):
     assert accelerator.parameters["precision_mode"] == "FP16"
     assert config.HasField("dynamic_batching")
     assert list(config.input[0].dims) == [8, 8, 3]
+
+
+def test_batching_queue_delay_is_set_in_both_configs(tmp_path, tiny_onnx):
+    write_model_version(tmp_path, SPEC, tiny_onnx, queue_delay_us=1500)
+    for path in (tmp_path / "enc" / "config.pbtxt", tmp_path / "enc" / "configs" / f"{TENSORRT_CONFIG_NAME}.pbtxt"):
+        assert parse_config(path).dynamic_batching.max_queue_delay_microseconds == 1500
+    with pytest.raises(HistoseekError, match="queue delay must be 0 or more"):
+        write_model_version(tmp_path, SPEC, tiny_onnx, queue_delay_us=-1)
 
 
 def test_spec_with_quotes_and_unicode_survives_config_text(tmp_path, tiny_onnx):

@@ -61,9 +61,25 @@ def test_spec_and_checksum_come_from_the_server(triton_server, triton_repo, serv
     assert embedder.version_number() == 1
 
 
+@pytest.fixture(scope="module")
+def batching_triton(tmp_path_factory, tiny_onnx, served_specs):
+    """`tiny` on its own Triton, exported with a 200 ms batching window: the shared one's
+    exported default (no window) only batches requests that queue behind a busy model,
+    which the tiny model never is, so whether requests meet there is up to timing."""
+    from server import triton
+
+    repo = tmp_path_factory.mktemp("batching_repo")
+    write_model_version(repo, served_specs["tiny"], tiny_onnx, queue_delay_us=200_000)
+    run_dir = tmp_path_factory.mktemp("batching_run")
+    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    yield triton.start(repo, run_dir=run_dir, **ports)
+    triton.stop(run_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_concurrent_requests_are_batched_and_answered_right(triton_server, tiny_onnx, protocol):
+def test_concurrent_requests_are_batched_and_answered_right(batching_triton, tiny_onnx, protocol):
+    triton_server = batching_triton
     embedder = Embedder(url(triton_server, protocol), "tiny", protocol)
     embedder.spec()  # fetch once, so that the threads start with inference
     threads, images = 16, [random_images(3, seed=i) for i in range(16)]
