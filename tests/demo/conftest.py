@@ -3,11 +3,8 @@ thread, the demo on a free port, and Debian's Chromium driven by Playwright."""
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,34 +36,16 @@ def page(browser):
 @pytest.fixture(scope="session")
 def search_api(tmp_path_factory, triton_server, synth_data) -> str:
     """URL of a real search API serving a flat index of `synth_data` embedded by Triton's `tiny`."""
-    import uvicorn
-
     from server.app import create_app
     from server.index import build_index
-    from server.triton import free_port
+    from tests.servers import served_in_thread, wait_ready
 
     indexes = tmp_path_factory.mktemp("indexes")
     build_index("tiny", synth_data, indexes / "synth", index_type="flat",
                 triton_url=triton_server.grpc_url, protocol="grpc")
-    app = create_app(indexes, triton_server.grpc_url, "grpc")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"the search API did not become ready at {url}")
-        time.sleep(0.2)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served_in_thread(create_app(indexes, triton_server.grpc_url, "grpc")) as url:
+        wait_ready(url, lambda: True)
+        yield url
 
 
 @pytest.fixture

@@ -8,15 +8,13 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
-import time
+from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from demo.client import ApiError, SearchClient
@@ -25,6 +23,7 @@ from histoseek.errors import HistoseekError
 from server.app import Settings, create_app
 from server.index import build_index
 from server.triton import free_port
+from tests.servers import served_in_thread, wait_ready
 
 KEYS = [secrets.token_urlsafe(32), secrets.token_urlsafe(32)]
 WRONG = secrets.token_urlsafe(32)
@@ -35,18 +34,6 @@ def png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((16, 16, 3), (150, 60, 120), np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def wait_ready(url: str, alive) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and alive(), f"the search API did not become ready at {url}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -83,22 +70,14 @@ def cli_server(indexes_dir, triton_server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve_app(indexes_dir, triton_server):
     """Factory: serve_app(Settings) -> URL of the app under uvicorn in a thread."""
-    servers = []
+    with ExitStack() as servers:
+        def serve(settings: Settings) -> str:
+            url = servers.enter_context(served_in_thread(create_app(indexes_dir, triton_server.grpc_url,
+                                                                    settings=settings)))
+            wait_ready(url, lambda: True)
+            return url
 
-    def serve(settings: Settings) -> str:
-        app = create_app(indexes_dir, triton_server.grpc_url, settings=settings)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        url = f"http://127.0.0.1:{server.config.port}"
-        wait_ready(url, thread.is_alive)
-        return url
-
-    yield serve
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+        yield serve
 
 
 def add(url: str, headers: dict[str, str]) -> httpx.Response:

@@ -6,19 +6,18 @@ import json
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from server.app import Settings, create_app
 from server.index import MANIFEST_FILE, build_index
 from server.triton import free_port
+from tests.servers import served_in_thread
 
 pytestmark = pytest.mark.slow  # every test here talks to the session's Triton or a server
 
@@ -39,17 +38,8 @@ def indexes_dir(tmp_path_factory, synth_data, triton_server) -> Path:
 @pytest.fixture(scope="module")
 def api(indexes_dir, triton_server) -> str:
     """The app served by uvicorn on a free loopback port, in a background thread."""
-    app = create_app(indexes_dir, triton_server.grpc_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(create_app(indexes_dir, triton_server.grpc_url)) as url:
+        yield url
 
 
 @pytest.fixture

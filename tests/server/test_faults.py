@@ -11,14 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import faiss
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from server import triton
@@ -26,7 +25,7 @@ from server.app import Settings, create_app
 from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, build_index, faiss_ids
 from server.store import Item
 from server.triton import free_port
-from tests.server.api_process import start_api_process
+from tests.servers import served_in_thread, start_api_process
 
 pytestmark = pytest.mark.slow  # every test here starts Triton, a server or CLI processes
 
@@ -40,24 +39,11 @@ def png(pixels: np.ndarray) -> bytes:
 @pytest.fixture
 def serve_api():
     """Factory: serve_api(indexes_dir, triton_url, protocol, settings) -> base URL of uvicorn on loopback."""
-    servers = []
+    with ExitStack() as servers:
+        def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> str:
+            return servers.enter_context(served_in_thread(create_app(indexes_dir, triton_url, protocol, settings)))
 
-    def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> str:
-        app = create_app(indexes_dir, triton_url, protocol, settings)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{server.config.port}"
-
-    yield serve
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+        yield serve
 
 
 def wait_for(check, timeout: float, interval: float = 0.25) -> None:

@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -22,14 +21,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from server.app import Settings, create_app
 from server.index import IndexFolder, build_index
-from server.triton import free_port
+from tests.servers import served_in_thread
 
 pytestmark = pytest.mark.slow  # a real Triton and a real server
 
@@ -138,19 +136,9 @@ def open_fds() -> int:
 @pytest.fixture(scope="module")
 def api(indexes_dir, triton_server):
     """The app with its default limits, served by uvicorn in a thread of this process."""
-    app = create_app(indexes_dir, triton_server.grpc_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.config.port}"
-    httpx.get(f"{url}/readyz", timeout=30)  # warm: the baseline below includes a served request
-    yield {"url": url, "port": server.config.port, "rss_mb": rss_mb(), "fds": open_fds()}
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(create_app(indexes_dir, triton_server.grpc_url)) as url:
+        httpx.get(f"{url}/readyz", timeout=30)  # warm: the baseline below includes a served request
+        yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "rss_mb": rss_mb(), "fds": open_fds()}
 
 
 @pytest.fixture

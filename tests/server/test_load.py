@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from server.index import build_index
-from tests.server.api_process import start_api_process
+from tests.servers import start_api_process
 
 pytestmark = pytest.mark.slow
 
