@@ -75,13 +75,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # High bit-depth microscopy exports: rescale the actual (finite) range to 0..255.
-        array = np.array(image, dtype=np.float32)
+        # float64: a float32 image's range can be anything from a denormal (1e-45, whose
+        # 255/range overflows float32) to 6.8e38 (which overflows float32 when shifted).
+        array = np.array(image, dtype=np.float64)
         finite = array[np.isfinite(array)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         np.nan_to_num(array, copy=False, nan=lo, posinf=hi, neginf=lo)
         scale = 255 / (hi - lo) if hi > lo else 0.0
-        # Scaled before shifted, so that values near float32's limits cannot overflow.
-        scaled = np.clip(array * np.float32(scale) - np.float32(lo * scale), 0, 255)
+        scaled = np.clip((array - lo) * scale, 0, 255)
         return Image.fromarray(np.rint(scaled, out=scaled).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent regions become white, the colour of empty glass in brightfield.

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
 from histoseek.errors import HistoseekError
@@ -90,6 +90,8 @@ def test_to_rgb_keeps_the_size(sample):
 
 @CHECKS
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=64))
+@example(values=[0.0, -1.401298464324817e-45])  # a denormal range: 255/range overflowed float32
+@example(values=[-3.4028234663852886e38, 3.4028234663852886e38])  # the widest range
 def test_float_images_with_any_values_convert(values):
     array = np.array(values, np.float32).reshape(1, -1)
     rgb = np.asarray(to_rgb(Image.fromarray(array, "F")))
