@@ -78,9 +78,9 @@ class AddedItem(BaseModel):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message = status, message
 
 
 def _status_of(exc: HistoseekError) -> int:
@@ -267,23 +267,23 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def apijson_error(request: Request, exc: ApiError) -> JSONResponse:
-        return json_error(exc.status, exc.message, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return json_error(exc.status, exc.message)
 
     @app.exception_handler(HistoseekError)
-    async def histoseekjson_error(request: Request, exc: HistoseekError) -> JSONResponse:
+    async def histoseek_error(request: Request, exc: HistoseekError) -> JSONResponse:
         status = _status_of(exc)
         if status == 500:
             log.error("request %s failed: %s", request.url.path, exc)
         return json_error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validationjson_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
         return json_error(422, "invalid request: " + "; ".join(problems) + " (see /docs)")
 
     @app.exception_handler(StarletteHTTPException)
-    async def httpjson_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
             message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for the endpoints"
