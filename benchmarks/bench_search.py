@@ -13,7 +13,6 @@ thread as the server does; recall@10 against the exact flat index of the same ve
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -66,8 +65,8 @@ def serve_indexes(indexes: list[Path], triton_url: str, workdir: Path) -> tuple[
     port = free_port()
     command = [sys.executable, "-m", "histoseek.cli", "serve", "--indexes", str(served),
                "--triton-url", triton_url, "--port", str(port)]
-    log_file = open(workdir / "api.log", "wb")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=os.environ.copy())
+    with open(workdir / "api.log", "wb") as log_file:  # the API writes to its own copy of the file descriptor
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process)

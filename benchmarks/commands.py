@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from benchmarks import bench_encoders, bench_search, encoders_report, search_report
+from benchmarks.machine import machine_stamp
 from benchmarks.results_files import write_results
 from benchmarks.served_models import encoder_names, prepare_models, running_triton
 from histoseek.dataset import read_dataset
@@ -15,12 +16,6 @@ from server.index import MANIFEST_FILE, build_index
 from training.data.synthetic import synthesize
 
 log = logging.getLogger(__name__)
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def bench_encoders_command(*, encoders: list[str] | None, preset: str, checkpoints: Path | None, batches: list[int],
@@ -33,7 +28,7 @@ def bench_encoders_command(*, encoders: list[str] | None, preset: str, checkpoin
                               warmup=warmup, concurrency=concurrency, requests_per_client=requests_per_client)
     settings = {"preset": preset, "batches": batches, "runs": runs, "warmup": warmup, "concurrency": concurrency,
                 "requests_per_client": requests_per_client}
-    table = encoders_report.markdown(rows, settings, _gpu_name())
+    table = encoders_report.markdown(rows, settings, machine_stamp()["gpu"])
     write_results(results / "encoder_latency", {"settings": settings, "encoders": rows,
                                                 "goals": encoders_report.goals(rows)},
                   table, lambda path: encoders_report.plot(rows, path))
@@ -50,7 +45,7 @@ def _png_queries(count: int, workdir: Path) -> list[bytes]:
     return [dataset.absolute(item).read_bytes() for item in dataset.items[:count]]
 
 
-def _synthetic_indexes(names: list[str], preset: str, items: int, workdir: Path, triton_url: str) -> list[Path]:
+def _synthetic_indexes(names: list[str], items: int, workdir: Path, triton_url: str) -> list[Path]:
     tiles = workdir / f"index_tiles_{items}"
     if not tiles.is_dir():
         log.info("synthesising %d tiles for the indexes", items)
@@ -80,7 +75,7 @@ def bench_search_command(*, indexes: list[Path] | None, triton_url: str | None, 
         prepare_models(names, preset, workdir, checkpoints)
         settings |= {"preset": preset, "items": items}
         with running_triton(workdir / "model_repository", workdir / "triton") as info:
-            built = _synthetic_indexes(names, preset, items, workdir, info.grpc_url)
+            built = _synthetic_indexes(names, items, workdir, info.grpc_url)
             report = bench_search.run(built, info.grpc_url, workdir, query_images, sizes, types)
     table = search_report.markdown(report, settings)
     write_results(results / "search_latency", {"settings": settings, **report}, table,

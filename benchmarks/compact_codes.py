@@ -23,10 +23,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.machine import machine_stamp
+from benchmarks.results_files import figure, write_results
 from benchmarks.vectors import realistic, recall_at_10
 from export.onnx_export import ContractModel
-from histoseek.dataset import read_dataset
+from histoseek.dataset import Dataset, read_dataset
 from histoseek.metrics import retrieval_metrics
 from server.index_types import code_bytes_per_item, new_faiss_index
 from training import checkpoint
@@ -38,11 +38,11 @@ BITS = (16, 32, 64)
 SIZES = (10_000, 100_000, 1_000_000)
 
 
-def embed(ckpt: Path, data: Path) -> tuple[np.ndarray, np.ndarray, object]:
+def embed(ckpt: Path, train_set: Dataset, test_set: Dataset) -> tuple[np.ndarray, np.ndarray, object]:
     backbone, spec = checkpoint.load_backbone(ckpt)
     model = ContractModel(backbone, spec).eval()
-    return (embed_dataset(model, read_dataset(data / "train"), spec.input_size),
-            embed_dataset(model, read_dataset(data / "test"), spec.input_size), backbone)
+    return (embed_dataset(model, train_set, spec.input_size), embed_dataset(model, test_set, spec.input_size),
+            backbone)
 
 
 def scores(index: faiss.Index, db: np.ndarray, queries: np.ndarray, db_labels, q_labels, k: int = 10) -> tuple:
@@ -62,12 +62,16 @@ def latency_ms(index: faiss.Index, queries: np.ndarray) -> float:
 
 def run(args) -> dict:
     rng = np.random.default_rng(0)
-    train_items, test_items = read_dataset(args.data / "train").items, read_dataset(args.data / "test").items
-    db_labels, q_labels = [i.label for i in train_items], [i.label for i in test_items]
-    rows, float_db = [], None
+    train_set, test_set = read_dataset(args.data / "train"), read_dataset(args.data / "test")
+    db_labels, q_labels = [i.label for i in train_set.items], [i.label for i in test_set.items]
+    rows = []
 
-    def measure(method: str, bits: int, db, q, compact: faiss.Index, books: int, sweep_flat: bool):
-        flat_metrics, exact = scores(faiss.IndexIDMap2(faiss.IndexFlatIP(db.shape[1])), db, q, db_labels, q_labels)
+    def exact_flat(db, q) -> tuple:
+        """The exact flat index's metrics and results: what a compact index of the same vectors is compared with."""
+        return scores(faiss.IndexIDMap2(faiss.IndexFlatIP(db.shape[1])), db, q, db_labels, q_labels)
+
+    def measure(method: str, bits: int, db, q, compact: faiss.Index, books: int, sweep_flat: bool, flat: tuple):
+        flat_metrics, exact = flat
         metrics, found = scores(compact, db, q, db_labels, q_labels)
         latencies, flat_latencies = {}, {}
         queries = realistic(db, 100, books, rng)
@@ -93,17 +97,18 @@ def run(args) -> dict:
         if not (ckpt / "weights.safetensors").is_file():
             train(TrainConfig(encoder="spq", data=str(args.data / "train"), out=str(ckpt), epochs=args.epochs,
                               bits=bits, seed=args.seed))
-        db, q, backbone = embed(ckpt, args.data)
+        db, q, backbone = embed(ckpt, train_set, test_set)
         codebooks = backbone.export_arrays()["codebooks.npy"]
         index, _ = new_faiss_index("pq", db.shape[1], db, codebooks=codebooks)
-        measure("spq (own codes)", bits, db, q, index, codebooks.shape[0], sweep_flat=False)
+        measure("spq (own codes)", bits, db, q, index, codebooks.shape[0], sweep_flat=False, flat=exact_flat(db, q))
 
-    float_db, float_q, _ = embed(args.float_checkpoint, args.data)
+    float_db, float_q, _ = embed(args.float_checkpoint, train_set, test_set)
+    float_flat = exact_flat(float_db, float_q)  # the same vectors at every code length
     name = json.loads((args.float_checkpoint / "encoder.json").read_text())["name"]
     for bits in BITS:
         index, _ = new_faiss_index("pq", float_db.shape[1], float_db, {"M": bits // 8, "nbits": 8})
-        measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == BITS[0])
-    return {"machine": machine_stamp(), "data": str(args.data), "epochs": args.epochs, "rows": rows}
+        measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == BITS[0], flat=float_flat)
+    return {"data": str(args.data), "epochs": args.epochs, "rows": rows}
 
 
 def markdown(report: dict) -> str:
@@ -124,30 +129,24 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r["method"] for r in report["rows"]):
-        rows = [r for r in report["rows"] if r["method"] == method]
-        left.plot([r["bits"] for r in rows], [r["mAP@5"] for r in rows], marker="o", label=f"{method} mAP@5")
-        left.plot([r["bits"] for r in rows], [r["mMV@5"] for r in rows], marker="s", linestyle="--",
-                  label=f"{method} mMV@5")
-        for r in rows:
-            right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o", label=f"{method}, {r['bits']} bits")
-    for r in report["rows"]:
-        if r["flat_latency_ms"]:
-            right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black", label="flat (exact)")
-    left.set(xlabel="bits per item", ylabel="score", xticks=list(BITS), title="retrieval, test vs train")
-    right.set(xscale="log", yscale="log", xlabel="items in the index", ylabel="ms per query",
-              title="search latency, one query at a time")
-    left.legend(fontsize=7)
-    right.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4), dpi=120) as (left, right):
+        for method in dict.fromkeys(r["method"] for r in report["rows"]):
+            rows = [r for r in report["rows"] if r["method"] == method]
+            left.plot([r["bits"] for r in rows], [r["mAP@5"] for r in rows], marker="o", label=f"{method} mAP@5")
+            left.plot([r["bits"] for r in rows], [r["mMV@5"] for r in rows], marker="s", linestyle="--",
+                      label=f"{method} mMV@5")
+            for r in rows:
+                right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o",
+                           label=f"{method}, {r['bits']} bits")
+        for r in report["rows"]:
+            if r["flat_latency_ms"]:
+                right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black",
+                           label="flat (exact)")
+        left.set(xlabel="bits per item", ylabel="score", xticks=list(BITS), title="retrieval, test vs train")
+        right.set(xscale="log", yscale="log", xlabel="items in the index", ylabel="ms per query",
+                  title="search latency, one query at a time")
+        left.legend(fontsize=7)
+        right.legend(fontsize=6)
 
 
 def main() -> None:
@@ -161,13 +160,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
     report = run(args)
-    stem = args.results / "compact_codes"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    print(markdown(report))
+    table = markdown(report)
+    write_results(args.results / "compact_codes", report, table, lambda path: plot(report, path))
+    print(table)
 
 
 if __name__ == "__main__":

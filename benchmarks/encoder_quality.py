@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.colour_histogram import colour_histogram_metrics
-from benchmarks.machine import machine_stamp
+from benchmarks.results_files import figure, write_results
 from export.export_checkpoint import export_checkpoint
 from histoseek.dataset import read_dataset
 from training.encoders.registry import list_encoders
@@ -66,26 +66,19 @@ def markdown_table(rows: list[dict], floor: dict) -> str:
 
 
 def plot(rows: list[dict], floor: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     names = [r["encoder"] for r in rows]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for offset, column in zip((-0.27, 0, 0.27), COLUMNS):
-        ax.bar(x + offset, [r["metrics"][column] for r in rows], width=0.27, label=column)
-    ax.axhline(floor["mMV@5"], color="black", linestyle="--", linewidth=1, label="colour histogram mMV@5")
-    ax.set_xticks(x, names)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(9, 4), dpi=120) as ax:
+        for offset, column in zip((-0.27, 0, 0.27), COLUMNS):
+            ax.bar(x + offset, [r["metrics"][column] for r in rows], width=0.27, label=column)
+        ax.axhline(floor["mMV@5"], color="black", linestyle="--", linewidth=1, label="colour histogram mMV@5")
+        ax.set_xticks(x, names)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("score")
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=8, ncol=4)
 
 
 def main() -> None:
@@ -99,7 +92,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
     names = args.encoders or [e.name for e in list_encoders()]
 
     started = time.monotonic()
@@ -110,14 +102,11 @@ def main() -> None:
         rows.append(measure_encoder(name, args.data, args.workdir, args.epochs, args.seed))
         log.info("[%d/%d] %s: mMV@5 %.3f (%.1f min elapsed)", i, len(names), name, rows[-1]["metrics"]["mMV@5"],
                  (time.monotonic() - started) / 60)
-    report = {"machine": machine_stamp(), "data": str(args.data), "budget_epochs": args.epochs,
-              "colour_histogram": floor, "encoders": rows}
-    stem = args.results / "encoder_quality"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown_table(rows, floor))
-    plot(rows, floor, stem.with_suffix(".png"),
-         f"{args.data.name}: test vs train, cpu presets, {args.epochs} epochs each")
-    print(markdown_table(rows, floor))
+    report = {"data": str(args.data), "budget_epochs": args.epochs, "colour_histogram": floor, "encoders": rows}
+    table = markdown_table(rows, floor)
+    title = f"{args.data.name}: test vs train, cpu presets, {args.epochs} epochs each"
+    write_results(args.results / "encoder_quality", report, table, lambda path: plot(rows, floor, path, title))
+    print(table)
 
 
 if __name__ == "__main__":

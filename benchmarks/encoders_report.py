@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.bench_encoders import PATHS
+from benchmarks.results_files import figure
 
 LABELS = {"eager": "PyTorch eager", "onnxruntime": "onnxruntime", "triton_http": "Triton HTTP",
           "triton_grpc": "Triton gRPC"}
@@ -81,34 +82,27 @@ def markdown(rows: list[dict], settings: dict, gpu: str | None) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     names = [r["encoder"] for r in rows]
     batches = list(rows[0]["latency"])
     x = np.arange(len(names))
     width = 0.8 / len(PATHS)
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    for i, p in enumerate(PATHS):
-        axes[0].bar(x + (i - 1.5) * width, [r["latency"][batches[0]][p]["p50_ms"] for r in rows], width,
-                    label=LABELS[p])
-        axes[1].bar(x + (i - 1.5) * width, [r["latency"][batches[-1]][p]["items_per_s"] for r in rows], width,
-                    label=LABELS[p])
-    axes[0].set_title(f"p50 latency at batch {batches[0]} (ms)")
-    axes[1].set_title(f"images/s at batch {batches[-1]}")
-    for ax in axes[:2]:
-        ax.set_xticks(x, names, rotation=30)
-        ax.legend(fontsize=8)
-    for r in rows:
-        clients = [c["clients"] for c in r["concurrency"]]
-        axes[2].plot(clients, [c["images_per_s"] for c in r["concurrency"]], marker="o", label=r["encoder"])
-    axes[2].set_xscale("log", base=2)
-    axes[2].set_xlabel("concurrent gRPC clients (batch 1 each)")
-    axes[2].set_title("Triton images/s, dynamic batching")
-    axes[2].legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 3, figsize=(17, 4.5), dpi=110) as axes:
+        for i, p in enumerate(PATHS):
+            axes[0].bar(x + (i - 1.5) * width, [r["latency"][batches[0]][p]["p50_ms"] for r in rows], width,
+                        label=LABELS[p])
+            axes[1].bar(x + (i - 1.5) * width, [r["latency"][batches[-1]][p]["items_per_s"] for r in rows], width,
+                        label=LABELS[p])
+        axes[0].set_title(f"p50 latency at batch {batches[0]} (ms)")
+        axes[1].set_title(f"images/s at batch {batches[-1]}")
+        for ax in axes[:2]:
+            ax.set_xticks(x, names, rotation=30)
+            ax.legend(fontsize=8)
+        for r in rows:
+            clients = [c["clients"] for c in r["concurrency"]]
+            axes[2].plot(clients, [c["images_per_s"] for c in r["concurrency"]], marker="o", label=r["encoder"])
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("concurrent gRPC clients (batch 1 each)")
+        axes[2].set_title("Triton images/s, dynamic batching")
+        axes[2].legend(fontsize=8, ncol=2)

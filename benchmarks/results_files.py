@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from benchmarks.machine import machine_stamp
 
@@ -21,3 +22,21 @@ def machine_line(stamp: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in stamp["versions"].items())
     return (f"Measured on {stamp['cpu']} ({stamp['cores']} cores, {stamp['torch_threads']} torch threads), "
             f"GPU: {stamp['gpu'] or 'none'}; Python {stamp['python']}; {versions}. Command: `{stamp['command']}`")
+
+
+@contextmanager
+def figure(path: Path, *grid: int, dpi: int, **kwargs) -> Iterator:
+    """`plt.subplots(*grid, **kwargs)`'s axes, drawn off-screen; saved to `path` at `dpi` on
+    leaving the block, and the figure closed even when drawing fails."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*grid, **kwargs)
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)

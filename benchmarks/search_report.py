@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.bench_search import GOAL_P50_MS, STAGES
+from benchmarks.results_files import figure
 
 
 def markdown(report: dict, settings: dict) -> str:
@@ -32,37 +33,29 @@ def markdown(report: dict, settings: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.5))
-    names = [r["index"] for r in report["endpoint"]]
-    bottom = [0.0] * len(names)
-    for stage in STAGES[:-1]:
-        values = [r["server_median_ms"][stage] for r in report["endpoint"]]
-        left.bar(names, values, bottom=bottom, label=f"server {stage}")
-        bottom = [b + v for b, v in zip(bottom, values)]
-    left.plot(names, [r["p50_ms"] for r in report["endpoint"]], "k_", markersize=20, label="client p50 (HTTP)")
-    left.axhline(GOAL_P50_MS, color="red", linestyle="--", linewidth=1, label="goal p50")
-    left.set_ylabel("ms")
-    left.set_title("/v1/search: median stage times and client p50")
-    left.tick_params(axis="x", rotation=30)
-    left.legend(fontsize=8)
-    # Colour says the index type, line style the dimension.
-    kinds = list(dict.fromkeys(r["type"] for r in report["faiss"]))
-    for dim, style in zip(sorted({r["dimension"] for r in report["faiss"]}), ("-", "--", ":", "-.")):
-        for colour, kind in enumerate(kinds):
-            rows = [r for r in report["faiss"] if r["dimension"] == dim and r["type"] == kind]
-            right.plot([r["items"] for r in rows], [r["p50_ms"] for r in rows], marker="o", linestyle=style,
-                       color=f"C{colour}", label=f"{kind}, d={dim}")
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("items in the index")
-    right.set_ylabel("p50 ms per query")
-    right.set_title("FAISS search time against size")
-    right.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(14, 4.5), dpi=110) as (left, right):
+        names = [r["index"] for r in report["endpoint"]]
+        bottom = [0.0] * len(names)
+        for stage in STAGES[:-1]:
+            values = [r["server_median_ms"][stage] for r in report["endpoint"]]
+            left.bar(names, values, bottom=bottom, label=f"server {stage}")
+            bottom = [b + v for b, v in zip(bottom, values)]
+        left.plot(names, [r["p50_ms"] for r in report["endpoint"]], "k_", markersize=20, label="client p50 (HTTP)")
+        left.axhline(GOAL_P50_MS, color="red", linestyle="--", linewidth=1, label="goal p50")
+        left.set_ylabel("ms")
+        left.set_title("/v1/search: median stage times and client p50")
+        left.tick_params(axis="x", rotation=30)
+        left.legend(fontsize=8)
+        # Colour says the index type, line style the dimension.
+        kinds = list(dict.fromkeys(r["type"] for r in report["faiss"]))
+        for dim, style in zip(sorted({r["dimension"] for r in report["faiss"]}), ("-", "--", ":", "-.")):
+            for colour, kind in enumerate(kinds):
+                rows = [r for r in report["faiss"] if r["dimension"] == dim and r["type"] == kind]
+                right.plot([r["items"] for r in rows], [r["p50_ms"] for r in rows], marker="o", linestyle=style,
+                           color=f"C{colour}", label=f"{kind}, d={dim}")
+        right.set_xscale("log")
+        right.set_yscale("log")
+        right.set_xlabel("items in the index")
+        right.set_ylabel("p50 ms per query")
+        right.set_title("FAISS search time against size")
+        right.legend(fontsize=7, ncol=2)
