@@ -38,7 +38,7 @@ import numpy as np
 
 from histoseek.atomic import temporary_path, write_json
 from histoseek.errors import HistoseekError
-from server.index_types import HNSW_EF_SEARCH, apply_search_params, code_bytes_per_item, searchable_copy
+from server.index_types import apply_search_params, code_bytes_per_item, search_parameters, searchable_copy
 from server.store import Item, Store
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,10 @@ def check_model(manifest: dict, name: str, served_sha256: str | None, served_dim
 
 @dataclass(frozen=True)
 class _Snapshot:
-    faiss: faiss.Index
+    faiss: faiss.Index  # on the GPUs when faiss-gpu sees any
     signature: tuple
     dead: int  # vectors without a row (HNSW tombstones): how far to over-fetch
+    code_bytes: int  # per item, read from the CPU index (a GPU copy does not tell)
 
 
 class IndexFolder:
@@ -104,8 +105,7 @@ class IndexFolder:
                                  "build one with `histoseek index build`")
         self.store = Store(self.path / STORE_FILE)
         self._reload_lock = threading.Lock()
-        self._snapshot = self._load()
-        if self._needs_repair(self._snapshot.faiss):
+        if self._needs_repair(self._load()):
             with self._write_lock():
                 self._install(self._load_for_write(save=True))
                 self._update_manifest()
@@ -125,16 +125,22 @@ class IndexFolder:
         index = faiss.read_index(str(self.path / FAISS_FILE))
         return apply_search_params(index, self._manifest["index_type"], self._manifest["index_params"])
 
-    def _load(self) -> _Snapshot:
+    def _load(self) -> faiss.Index:
+        """Read the folder into a new snapshot; returns the CPU index read."""
         # The signature is read before the files: a snapshot may be newer than its
         # signature (then it is reloaded once more), never older.
         signature = self._signature()
-        index = searchable_copy(self._read(), self._manifest["index_type"])
-        return _Snapshot(index, signature, max(0, index.ntotal - self.store.count()))
+        index = self._read()
+        self._snapshot = self._snapshot_of(index, signature)
+        return index
 
     def _install(self, index: faiss.Index) -> None:
-        searchable = searchable_copy(index, self._manifest["index_type"])
-        self._snapshot = _Snapshot(searchable, self._signature(), max(0, index.ntotal - self.store.count()))
+        """Searches see `index`, just edited and saved by this process."""
+        self._snapshot = self._snapshot_of(index, self._signature())
+
+    def _snapshot_of(self, index: faiss.Index, signature: tuple) -> _Snapshot:
+        return _Snapshot(searchable_copy(index, self._manifest["index_type"]), signature,
+                         max(0, index.ntotal - self.store.count()), code_bytes_per_item(index))
 
     def snapshot(self) -> _Snapshot:
         """The current in-memory index, reloaded first if the folder changed on disk."""
@@ -142,7 +148,7 @@ class IndexFolder:
         if snapshot.signature != self._signature():
             with self._reload_lock:
                 if self._snapshot.signature != self._signature():
-                    self._snapshot = self._load()
+                    self._load()
                 snapshot = self._snapshot
         return snapshot
 
@@ -159,10 +165,7 @@ class IndexFolder:
         # Rowless vectors and the query's group are filtered out after the search; when
         # that leaves fewer than k, search again deeper (rare: the over-fetch covers both).
         while pending and fetch > 0:
-            params = None
-            if self._manifest["index_type"] == "hnsw":
-                ef_search = self._manifest["index_params"].get("ef_search", HNSW_EF_SEARCH)
-                params = faiss.SearchParametersHNSW(efSearch=max(ef_search, fetch))
+            params = search_parameters(self._manifest["index_type"], self._manifest["index_params"], fetch)
             scores, ids = index.search(vectors[pending], fetch, params=params)
             items = self.store.lookup(ids[ids >= 0])
             unfinished = []
@@ -261,7 +264,8 @@ class IndexFolder:
         return removed
 
     def info(self) -> dict:
-        index = self.snapshot().faiss
+        snapshot = self.snapshot()
+        index = snapshot.faiss
         count = self.store.count()
         index_bytes = (self.path / FAISS_FILE).stat().st_size
         files = [p for p in self.path.iterdir() if p.is_file()]
@@ -271,7 +275,7 @@ class IndexFolder:
                ("encoder", "model_sha256", "model_version", "dimension", "metric", "index_type",
                 "index_params", "input_size", "created")},
             "count": count, "vectors": int(index.ntotal), "tombstones": max(0, index.ntotal - count),
-            "code_bytes_per_item": code_bytes_per_item(faiss.read_index(str(self.path / FAISS_FILE))),
+            "code_bytes_per_item": snapshot.code_bytes,
             "index_bytes_per_item": round(index_bytes / max(1, index.ntotal), 1),
             "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         }

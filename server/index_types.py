@@ -9,7 +9,8 @@ All compare by inner product (the encoders' outputs are unit vectors, so it is c
   by k-means, except for an encoder that learnt its own (SPQ): its codebooks are loaded
   as they are, so items are stored as exactly the codes the encoder was trained with.
 Parameters left unset get defaults that suit the collection's size; the chosen values go
-into the manifest, and the search-time ones (nprobe, efSearch) are applied on load.
+into the manifest; the search-time ones are applied on load (nprobe) or per search
+(efSearch, raised to the number of results a search fetches).
 """
 from __future__ import annotations
 
@@ -117,6 +118,13 @@ def apply_search_params(index: faiss.Index, index_type: str, params: dict) -> fa
     if index_type == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
     return index
+
+
+def search_parameters(index_type: str, params: dict, fetch: int) -> faiss.SearchParameters | None:
+    """Per-search parameters: HNSW must explore at least as many candidates as it returns."""
+    if index_type == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(params.get("ef_search", HNSW_EF_SEARCH), fetch))
+    return None
 
 
 def searchable_copy(index: faiss.Index, index_type: str) -> faiss.Index:

@@ -123,13 +123,12 @@ class Store:
         with self._transaction() as conn:
             conn.executemany(f"INSERT INTO items ({_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?,?,?)", rows)
             if items:
-                conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'",
-                             (max(i.id for i in items) + 1,))
+                _raise_next_id(conn, max(i.id for i in items) + 1)
 
     def reserve_ids(self, end: int) -> None:
         """Never hand out ids below `end`."""
         with self._transaction() as conn:
-            conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'", (end,))
+            _raise_next_id(conn, end)
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove rows; returns how many existed."""
@@ -167,3 +166,7 @@ class Store:
         row = self._connection().execute(
             'SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM items GROUP BY "group")').fetchone()
         return int(row[0] or 0)
+
+
+def _raise_next_id(conn: sqlite3.Connection, end: int) -> None:
+    conn.execute("UPDATE meta SET value = MAX(CAST(value AS INTEGER), ?) WHERE key = 'next_id'", (end,))
