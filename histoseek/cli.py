@@ -12,17 +12,23 @@ import os
 import sys
 from pathlib import Path
 
+from export.triton_config import MAX_QUEUE_DELAY_US
 from histoseek.errors import HistoseekError
+from server.settings import API_KEYS_ENV, Settings
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"values must be positive integers, got {text!r}")
+    return values
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in text.split(",") if k.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise argparse.ArgumentTypeError("--k values must be positive")
-    return ks
+    return sorted(set(_int_list(text)))
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -156,7 +162,6 @@ def _positive(kind):
     return parse
 
 
-API_KEYS_ENV = "HISTOSEEK_API_KEYS"
 MIN_KEY_LENGTH = 16
 
 
@@ -181,13 +186,11 @@ def api_keys(key_file: Path | None) -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from server.app import Settings, serve
+    from server.app import serve
 
     settings = Settings(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_k=args.max_k,
                         api_keys=api_keys(args.api_key_file), protect_search=args.protect_search,
                         cors_origins=tuple(args.cors_origin))
-    if settings.protect_search and not settings.api_keys:
-        raise HistoseekError(f"--protect-search needs API keys: give --api-key-file FILE or set {API_KEYS_ENV}")
     serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port, settings=settings)
 
 
@@ -217,16 +220,6 @@ def cmd_encoders(args: argparse.Namespace) -> None:
             spec = encoder.spec(name)
             print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
                   f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"values must be positive integers, got {text!r}")
-    return values
 
 
 def cmd_bench_encoders(args: argparse.Namespace) -> None:
@@ -308,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--fp16", action="store_true", help="half-precision weights (for GPUs)")
-    p.add_argument("--queue-delay-us", type=int, default=0,
+    p.add_argument("--queue-delay-us", type=int, default=MAX_QUEUE_DELAY_US,
                    help="how long Triton's dynamic batcher may hold a request for others to join (0: no wait; "
                         "requests arriving while the model is busy are batched anyway)")
     p.add_argument("--verify-data", type=Path, help="images to verify on (default: the training data)")
@@ -369,12 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     _triton_arguments(p)
-    p.add_argument("--max-upload-mb", type=_positive(float), default=20.0,
+    p.add_argument("--max-upload-mb", type=_positive(float), default=Settings.max_upload_bytes / 1e6,
                    help="largest image upload in MB (default: %(default)s)")
-    p.add_argument("--max-pixels", type=_positive(int), default=25_000_000,
+    p.add_argument("--max-pixels", type=_positive(int), default=Settings.max_pixels,
                    help="largest image (width x height) decoded; bigger ones must be tiled first "
                         "(default: %(default)s)")
-    p.add_argument("--max-k", type=_positive(int), default=100,
+    p.add_argument("--max-k", type=_positive(int), default=Settings.max_k,
                    help="most results one search may ask for (default: %(default)s)")
     p.add_argument("--api-key-file", type=Path,
                    help=f"API keys, one a line: adding and removing items then needs one (default: ${API_KEYS_ENV}, "

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from histoseek.errors import HistoseekError
+
+API_KEYS_ENV = "HISTOSEEK_API_KEYS"  # where keys are read from when no key file is given
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -17,3 +21,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # none: no key needed anywhere
     protect_search: bool = False  # keys for reads (search, indexes, thumbnails) too
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS off
+
+    def __post_init__(self) -> None:
+        # Here rather than in each caller: the guard, given no keys, would leave every read open.
+        if self.protect_search and not self.api_keys:
+            raise HistoseekError(f"--protect-search needs API keys: give --api-key-file FILE or set {API_KEYS_ENV}")
