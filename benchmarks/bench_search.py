@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from benchmarks.timing import summarise
 from benchmarks.vectors import realistic, recall_at_10
 from histoseek.errors import HistoseekError
 from histoseek.imaging import decode_image, resize_and_crop
+from histoseek.processes import histoseek_command, wait_http
 from server.embedder import Embedder
 from server.index import FAISS_FILE, IndexFolder
 from server.index_types import code_bytes_per_item, new_faiss_index
@@ -37,24 +37,6 @@ STAGES = ("decode", "preprocess", "embed", "search", "total")
 GOAL_P50_MS = 100.0
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise HistoseekError(f"the search API exited (code {process.returncode}) while starting; "
-                                 f"run `histoseek serve` by hand to see why")
-        try:
-            response = httpx.get(f"{url}/readyz", timeout=5)
-            if response.status_code == 200:
-                return
-            last = response.json().get("error", response.text)
-        except httpx.HTTPError as exc:
-            last = str(exc)
-        time.sleep(0.5)
-    raise HistoseekError(f"the search API was not ready after {timeout:.0f}s: {last}")
-
-
 def serve_indexes(indexes: list[Path], triton_url: str, workdir: Path) -> tuple[str, subprocess.Popen]:
     """`histoseek serve` over exactly these index folders (linked into one folder), on a free port."""
     served = workdir / "served_indexes"
@@ -63,13 +45,13 @@ def serve_indexes(indexes: list[Path], triton_url: str, workdir: Path) -> tuple[
     for index in indexes:
         (served / index.name).symlink_to(index.resolve(), target_is_directory=True)
     port = free_port()
-    command = [sys.executable, "-m", "histoseek.cli", "serve", "--indexes", str(served),
-               "--triton-url", triton_url, "--port", str(port)]
-    with open(workdir / "api.log", "wb") as log_file:  # the API writes to its own copy of the file descriptor
+    command = histoseek_command("serve", "--indexes", served, "--triton-url", triton_url, "--port", port)
+    log_path = workdir / "api.log"
+    with open(log_path, "wb") as log_file:  # the API writes to its own copy of the file descriptor
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process)
+        wait_http(f"{url}/readyz", "the search API", process, output=str(log_path))
     except BaseException:
         process.kill()
         raise

@@ -13,14 +13,12 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from histoseek.errors import HistoseekError
+from histoseek.processes import histoseek_command, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +37,10 @@ class QuickstartConfig:
     demo_port: int = 7860
 
 
-def _histoseek(*args: object) -> list[str]:
-    return [sys.executable, "-m", "histoseek.cli", *map(str, args)]
-
-
 def _run(*args: object) -> None:
     log.info("$ histoseek %s", " ".join(map(str, args)))
-    if subprocess.run(_histoseek(*args)).returncode != 0:
+    if subprocess.run(histoseek_command(*args)).returncode != 0:
         raise HistoseekError(f"`histoseek {' '.join(map(str, args))}` failed (see above)")
-
-
-def _wait_http(url: str, what: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise HistoseekError(f"{what} exited with code {process.returncode} before it was ready (see above)")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise HistoseekError(f"{what} was not ready at {url} after {timeout:.0f} s")
 
 
 def _stop(process: subprocess.Popen, what: str) -> None:
@@ -117,15 +96,15 @@ def run_quickstart(cfg: QuickstartConfig) -> None:
                  "--triton-url", triton_url)
         api_url = f"http://127.0.0.1:{cfg.api_port}"
         # Own sessions: Ctrl-C reaches only this process, which then stops them in order.
-        api = subprocess.Popen(_histoseek("serve", "--indexes", paths["indexes"], "--triton-url", triton_url,
+        api = subprocess.Popen(histoseek_command("serve", "--indexes", paths["indexes"], "--triton-url", triton_url,
                                           "--port", cfg.api_port), start_new_session=True)
         processes.append((api, "search API"))
-        _wait_http(f"{api_url}/readyz", "search API", api)
-        demo = subprocess.Popen(_histoseek("demo", "--api-url", api_url, "--port", cfg.demo_port),
+        wait_http(f"{api_url}/readyz", "search API", api)
+        demo = subprocess.Popen(histoseek_command("demo", "--api-url", api_url, "--port", cfg.demo_port),
                                 start_new_session=True)
         processes.append((demo, "demo"))
         demo_url = f"http://127.0.0.1:{cfg.demo_port}"
-        _wait_http(demo_url, "demo", demo)
+        wait_http(demo_url, "demo", demo)
         print(f"\nHistoSeek is ready after {time.monotonic() - started:.0f} s\n"
               f"  demo (browser):   {demo_url}\n"
               f"  search API:       {api_url}  (OpenAPI docs: {api_url}/docs)\n"
@@ -140,4 +119,4 @@ def run_quickstart(cfg: QuickstartConfig) -> None:
     finally:
         for process, what in reversed(processes):
             _stop(process, what)
-        subprocess.run(_histoseek("triton", "stop", "--run-dir", paths["triton_run"]))
+        subprocess.run(histoseek_command("triton", "stop", "--run-dir", paths["triton_run"]))
