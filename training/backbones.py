@@ -28,10 +28,6 @@ def resnet(name: str, attention: str | None = None) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **extra)
 
 
-def feature_dim(model: nn.Module) -> int:
-    return model.num_features
-
-
 def _from_sequential(key: str) -> str:
     match = re.fullmatch(r"(\d+)\.(.*)", key)
     if match and match.group(1) in _SEQUENTIAL_NAMES:

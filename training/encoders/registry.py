@@ -115,7 +115,7 @@ class Encoder:
         unknown = sorted(set(options or {}) - set(preset.options))
         if unknown:
             raise HistoseekError(f"encoder {self.name!r} has no option {', '.join(unknown)}")
-        return dataclasses.replace(preset, options=preset.options | (options or {})) if options else preset
+        return dataclasses.replace(preset, options=preset.options | options) if options else preset
 
 
 _REGISTRY: dict[str, Encoder] = {}

@@ -81,9 +81,9 @@ def split_normalised(x: torch.Tensor, m: int) -> torch.Tensor:
     return F.normalize(x.unflatten(1, (m, -1)), dim=-1)  # no batch size: it stays dynamic in ONNX
 
 
-def soft_quantize(x: torch.Tensor, codebooks: torch.Tensor, tau_q: float) -> torch.Tensor:
-    """Each sub-vector replaced by its codewords weighted by softmax(tau_q * cosine); `[N, D]`."""
-    sub = split_normalised(x, codebooks.shape[0])  # [N, M, d]
+def soft_quantize(sub: torch.Tensor, codebooks: torch.Tensor, tau_q: float) -> torch.Tensor:
+    """Each unit sub-vector of `sub` `[N, M, d]` replaced by its codewords weighted by
+    softmax(tau_q * cosine); `[N, D]`."""
     words = F.normalize(codebooks, dim=-1)  # [M, K, d]
     weights = torch.softmax(tau_q * torch.einsum("nmd,mkd->nmk", sub, words), dim=-1)
     return torch.einsum("nmk,mkd->nmd", weights, words).flatten(1)
@@ -97,12 +97,11 @@ class SPQMethod(TrainingMethod):
         self.criterion = NTXentLoss(temperature=preset.options["tau_cqc"])
 
     def cross_quantized_loss(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-        m = self.backbone.codebooks.shape[0]
         codebooks = self.backbone.codebooks
-        da, db = (split_normalised(x, m).flatten(1) for x in (xa, xb))
-        za, zb = soft_quantize(xa, codebooks, self.tau_q), soft_quantize(xb, codebooks, self.tau_q)
+        sa, sb = (split_normalised(x, codebooks.shape[0]) for x in (xa, xb))
+        za, zb = soft_quantize(sa, codebooks, self.tau_q), soft_quantize(sb, codebooks, self.tau_q)
         # NT-Xent compares by cosine, so the 1/sqrt(M) scale of the export does not matter here.
-        return 0.5 * (self.criterion(da, zb) + self.criterion(db, za))
+        return 0.5 * (self.criterion(sa.flatten(1), zb) + self.criterion(sb.flatten(1), za))
 
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         xa, xb = self.backbone(torch.cat(views[:2])).chunk(2)
