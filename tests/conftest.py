@@ -105,27 +105,21 @@ def triton_repo(tmp_path_factory, tiny_onnx, make_tiny_onnx, served_specs) -> Pa
     return repo
 
 
-def _free_ports(count: int) -> list[int]:
-    from server.triton import free_port
-
-    ports: set[int] = set()  # free_port may hand out the same port twice
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 @pytest.fixture
 def free_ports() -> dict[str, int]:
     """Three distinct free ports, as keyword arguments of `server.triton.start`."""
-    return dict(zip(("http_port", "grpc_port", "metrics_port"), _free_ports(3)))
+    from tests.servers import distinct_free_ports
+
+    return dict(zip(("http_port", "grpc_port", "metrics_port"), distinct_free_ports(3)))
 
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory, triton_repo):
     """A running Triton (TritonInfo) serving `triton_repo`; stopped at the end of the session."""
     from server import triton
+    from tests.servers import distinct_free_ports
 
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = distinct_free_ports(3)
     run_dir = tmp_path_factory.mktemp("triton_run")
     info = triton.start(
         triton_repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

@@ -1,6 +1,7 @@
 """The search API on loopback for tests: in a thread of the test process, or as its own process."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -13,6 +14,14 @@ import httpx
 import uvicorn
 
 from server.triton import free_port
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` different free ports: free_port may hand out the same port twice."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
 
 
 def wait_ready(url: str, alive: Callable[[], bool], timeout: float = 60) -> None:
@@ -29,8 +38,9 @@ def wait_ready(url: str, alive: Callable[[], bool], timeout: float = 60) -> None
 
 
 @contextmanager
-def served_in_thread(app) -> Iterator[str]:
-    """`app` under uvicorn on a free loopback port, in a daemon thread: its base URL once listening."""
+def served_in_thread(app, ready: bool = False) -> Iterator[str]:
+    """`app` under uvicorn on a free loopback port, in a daemon thread: its base URL once
+    listening, or with `ready` once `/readyz` answers 200 (Triton reached, indexes loaded)."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -39,22 +49,40 @@ def served_in_thread(app) -> Iterator[str]:
         while not server.started:
             assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{server.config.port}"
+        url = f"http://127.0.0.1:{server.config.port}"
+        if ready:
+            wait_ready(url, thread.is_alive)
+        yield url
     finally:
         server.should_exit = True
         thread.join(10)
 
 
-def start_api_process(indexes_dir: Path, triton_url: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`histoseek serve` in a subprocess, as deployed, once ready: the process and its base URL."""
+def start_api_process(indexes_dir: Path, triton_url: str, log: Path, *options: str, verbose: bool = False,
+                      env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`histoseek [-v] serve … *options` in a subprocess, as deployed, once ready: the process
+    and its base URL. If it never gets ready, it is killed and the failure shows its log."""
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "histoseek"), "serve", "--indexes", str(indexes_dir),
-             "--port", str(port), "--triton-url", triton_url], stdout=out, stderr=subprocess.STDOUT)
+            [str(Path(sys.executable).parent / "histoseek"), *(["-v"] if verbose else []), "serve",
+             "--indexes", str(indexes_dir), "--port", str(port), "--triton-url", triton_url, *options],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, lambda: process.poll() is None)
     except AssertionError:
+        process.kill()
+        process.wait()
         raise AssertionError(log.read_text()) from None
     return process, url
+
+
+def assert_json_error(response: httpx.Response, status: int, message: str) -> str:
+    """The API's error shape: `status`, a JSON body holding only `error`, matching the regex
+    `message`. Returns the error text."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and re.search(message, body["error"]), body
+    return body["error"]

@@ -15,6 +15,7 @@ from server.build import build
 from server.embedder import Embedder
 from server.index import IndexFolder
 from server.search import SearchCore
+from tests.servers import distinct_free_ports
 from training.encoders.registry import get_encoder, list_encoders
 from training.train import TrainConfig, train
 
@@ -37,9 +38,7 @@ def served_encoders(tmp_path_factory, synth_data):
             failures[name] = traceback.format_exc()
     if len(failures) == len(ENCODERS):
         pytest.fail("no encoder could be trained and exported:\n" + "\n".join(failures.values()))
-    from tests.conftest import _free_ports
-
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = distinct_free_ports(3)
     run_dir = root / "triton_run"
     info = triton.start(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, run_dir=run_dir)
     yield info, failures, repo

@@ -14,15 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _ports(n):
-    from server.triton import free_port
-
-    ports = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 def _pids_in_group(pgid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -45,7 +36,9 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_make_demo_reaches_ready_searches_and_stops_on_ctrl_c(tmp_path):
-    t_http, t_grpc, t_metrics, api_port, demo_port = _ports(5)
+    from tests.servers import distinct_free_ports
+
+    t_http, t_grpc, t_metrics, api_port, demo_port = distinct_free_ports(5)
     workdir = tmp_path / "demo"
     args = (f"--train-minutes 0.3 --triton-http-port {t_http} --triton-grpc-port {t_grpc} "
             f"--triton-metrics-port {t_metrics} --api-port {api_port} --demo-port {demo_port}")

@@ -38,13 +38,12 @@ def search_api(tmp_path_factory, triton_server, synth_data) -> str:
     """URL of a real search API serving a flat index of `synth_data` embedded by Triton's `tiny`."""
     from server.app import create_app
     from server.index import build_index
-    from tests.servers import served_in_thread, wait_ready
+    from tests.servers import served_in_thread
 
     indexes = tmp_path_factory.mktemp("indexes")
     build_index("tiny", synth_data, indexes / "synth", index_type="flat",
                 triton_url=triton_server.grpc_url, protocol="grpc")
-    with served_in_thread(create_app(indexes, triton_server.grpc_url, "grpc")) as url:
-        wait_ready(url, lambda: True)
+    with served_in_thread(create_app(indexes, triton_server.grpc_url, "grpc"), ready=True) as url:
         yield url
 
 

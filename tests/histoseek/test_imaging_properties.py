@@ -2,8 +2,6 @@
 image or a HistoseekError, and the model input always has the contract's shape."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
@@ -11,6 +9,7 @@ from PIL import Image
 
 from histoseek.errors import HistoseekError
 from histoseek.imaging import decode_image, resize_and_crop, to_rgb
+from tests.images import encode
 
 CHECKS = settings(max_examples=80, deadline=None)
 
@@ -36,12 +35,6 @@ def images(draw) -> tuple[Image.Image, str]:
     elif mode != "RGBA":
         image = image.convert(mode)
     return image, fmt
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def assert_rgb(image: Image.Image, size: tuple[int, int]) -> None:

@@ -2,15 +2,10 @@
 command-line flags and everything it logs), and the app under uvicorn in a thread."""
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import signal
-import subprocess
-import sys
-from contextlib import ExitStack
 from dataclasses import fields
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,27 +15,14 @@ from PIL import Image
 from demo.client import ApiError, SearchClient
 from histoseek.cli import api_keys, build_parser, main
 from histoseek.errors import HistoseekError
-from server.app import Settings, create_app
-from server.index import build_index
-from server.triton import free_port
-from tests.servers import served_in_thread, wait_ready
+from server.app import Settings
+from tests.images import png
+from tests.servers import start_api_process
 
 KEYS = [secrets.token_urlsafe(32), secrets.token_urlsafe(32)]
 WRONG = secrets.token_urlsafe(32)
 VIEWER = "https://viewer.example.org"
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), (150, 60, 120), np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def indexes_dir(tmp_path_factory, synth_data, triton_server) -> Path:
-    root = tmp_path_factory.mktemp("access")
-    build_index("tiny", synth_data, root / "tissue", triton_url=triton_server.grpc_url, batch=8)
-    return root
+QUERY_PNG = png(np.full((16, 16, 3), (150, 60, 120), np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -50,38 +32,25 @@ def cli_server(indexes_dir, triton_server, tmp_path_factory):
     key_file = folder / "keys.txt"
     key_file.write_text(f"# keys of the search API\n{KEYS[0]}\n\n  {KEYS[1]}  \n")
     log_file = folder / "server.log"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "HISTOSEEK_API_KEYS"}
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "histoseek.cli", "-v", "serve", "--indexes", str(indexes_dir), "--port", str(port),
-             "--triton-url", triton_server.grpc_url, "--api-key-file", str(key_file), "--cors-origin", VIEWER,
-             "--max-k", "7"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "HISTOSEEK_API_KEYS"}  # the key file alone
+    process, url = start_api_process(indexes_dir, triton_server.grpc_url, log_file, "--api-key-file", str(key_file),
+                                     "--cors-origin", VIEWER, "--max-k", "7", verbose=True, env=env)
     try:
-        wait_ready(url, lambda: process.poll() is None)
         yield {"url": url, "log": log_file, "process": process}
     finally:
-        if process.poll() is None:
+        if process.poll() is None:  # Ctrl-C, as a user stops it; test_keys_never_reach_the_log did already
             process.send_signal(signal.SIGINT)
             process.wait(15)
 
 
-@pytest.fixture(scope="module")
-def serve_app(indexes_dir, triton_server):
-    """Factory: serve_app(Settings) -> URL of the app under uvicorn in a thread."""
-    with ExitStack() as servers:
-        def serve(settings: Settings) -> str:
-            url = servers.enter_context(served_in_thread(create_app(indexes_dir, triton_server.grpc_url,
-                                                                    settings=settings)))
-            wait_ready(url, lambda: True)
-            return url
-
-        yield serve
+@pytest.fixture
+def serve_app(serve_api, indexes_dir, triton_server):
+    """Factory: serve_app(Settings) -> URL of the app over this module's index, once ready."""
+    return lambda settings: serve_api(indexes_dir, triton_server.grpc_url, settings=settings, ready=True)
 
 
 def add(url: str, headers: dict[str, str]) -> httpx.Response:
-    return httpx.post(f"{url}/v1/indexes/tissue/items", files={"image": ("new.png", png())},
+    return httpx.post(f"{url}/v1/indexes/tissue/items", files={"image": ("new.png", QUERY_PNG)},
                       data={"label": "new"}, headers=headers, timeout=30)
 
 
@@ -90,8 +59,8 @@ def delete(url: str, item_id: int, headers: dict[str, str]) -> httpx.Response:
 
 
 def search(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/search", files={"image": ("q.png", png())}, data={"k": "3"}, headers=headers,
-                      timeout=30)
+    return httpx.post(f"{url}/v1/search", files={"image": ("q.png", QUERY_PNG)}, data={"k": "3"},
+                      headers=headers, timeout=30)
 
 
 # -- writes need a key; reads stay open unless protected ---------------------------------------
@@ -125,7 +94,7 @@ def test_reads_stay_open_without_protect_search(cli_server):
     assert httpx.get(f"{url}{found.json()['results'][0]['image_url']}").status_code == 200
     assert httpx.get(f"{url}/v1/indexes").status_code == 200
     # The limits came from the command line too.
-    too_many = httpx.post(f"{url}/v1/search", files={"image": ("q.png", png())}, data={"k": "8"})
+    too_many = httpx.post(f"{url}/v1/search", files={"image": ("q.png", QUERY_PNG)}, data={"k": "8"})
     assert too_many.status_code == 422 and "between 1 and 7" in too_many.json()["error"]
 
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,24 +13,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from server.app import Settings, create_app
-from server.index import MANIFEST_FILE, build_index
+from server.index import MANIFEST_FILE
 from server.triton import free_port
-from tests.servers import served_in_thread
+from tests.images import png
+from tests.servers import assert_json_error, served_in_thread
 
 pytestmark = pytest.mark.slow  # every test here talks to the session's Triton or a server
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def indexes_dir(tmp_path_factory, synth_data, triton_server) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    build_index("tiny", synth_data, root / "tissue", triton_url=triton_server.grpc_url, batch=8)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +160,7 @@ def test_client(indexes_dir, triton_server):
     ({"image": ("big.bin", bytes(300_000))}, {}, 413, "request is larger than 0.2 MB"),  # refused unread
 ])
 def test_bad_requests_get_json_errors(test_client, files, data, status, message):
-    response = test_client.post("/v1/search", files=files, data=data)
-    assert response.status_code == status
-    assert response.headers["content-type"] == "application/json"
-    assert set(response.json()) == {"error"}
-    assert re.search(message, response.json()["error"]), response.json()
+    assert_json_error(test_client.post("/v1/search", files=files, data=data), status, message)
 
 
 @pytest.mark.parametrize("path", [

@@ -14,6 +14,7 @@ from export.repository import model_checksum, write_model_version
 from histoseek.errors import HistoseekError
 from server.embedder import Embedder, InvalidImages, ModelNotFound, TritonUnavailable
 from server.triton import free_port
+from tests.servers import distinct_free_ports
 
 PROTOCOLS = ["http", "grpc"]
 
@@ -71,8 +72,8 @@ def batching_triton(tmp_path_factory, tiny_onnx, served_specs):
     repo = tmp_path_factory.mktemp("batching_repo")
     write_model_version(repo, served_specs["tiny"], tiny_onnx, queue_delay_us=200_000)
     run_dir = tmp_path_factory.mktemp("batching_run")
-    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    yield triton.start(repo, run_dir=run_dir, **ports)
+    http_port, grpc_port, metrics_port = distinct_free_ports(3)
+    yield triton.start(repo, run_dir=run_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     triton.stop(run_dir)
 
 

@@ -2,7 +2,6 @@
 an index edited by another process while the API serves it. Nothing may be lost or corrupted."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack, closing
+from contextlib import closing
 from pathlib import Path
 
 import faiss
@@ -21,29 +20,13 @@ import pytest
 from PIL import Image
 
 from server import triton
-from server.app import Settings, create_app
+from server.app import Settings
 from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, build_index, faiss_ids
 from server.store import Item
-from server.triton import free_port
-from tests.servers import served_in_thread, start_api_process
+from tests.images import png
+from tests.servers import start_api_process
 
 pytestmark = pytest.mark.slow  # every test here starts Triton, a server or CLI processes
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture
-def serve_api():
-    """Factory: serve_api(indexes_dir, triton_url, protocol, settings) -> base URL of uvicorn on loopback."""
-    with ExitStack() as servers:
-        def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> str:
-            return servers.enter_context(served_in_thread(create_app(indexes_dir, triton_url, protocol, settings)))
-
-        yield serve
 
 
 def wait_for(check, timeout: float, interval: float = 0.25) -> None:
@@ -75,10 +58,9 @@ def kill_triton(run_dir: Path) -> None:
 # the test allows (ours retries every second at most).
 @pytest.mark.parametrize("protocol, down_s", [("grpc", 10), ("http", 1)])
 def test_api_recovers_when_triton_is_stopped_killed_and_restarted(
-        tmp_path, triton_repo, synth_data, serve_api, protocol, down_s):
-    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+        tmp_path, triton_repo, synth_data, serve_api, free_ports, protocol, down_s):
     run_dir = tmp_path / "triton"
-    info = triton.start(triton_repo, run_dir=run_dir, **ports)
+    info = triton.start(triton_repo, run_dir=run_dir, **free_ports)
     try:
         build_index("tiny", synth_data, tmp_path / "indexes" / "tissue", triton_url=info.grpc_url, batch=8)
         timeout = 5  # the API's Triton timeout: no request may hang longer than this
@@ -110,7 +92,7 @@ def test_api_recovers_when_triton_is_stopped_killed_and_restarted(
                 while time.monotonic() - down_since < outage_s:
                     unavailable_says_why()
                     time.sleep(0.5)
-                triton.start(triton_repo, run_dir=run_dir, **ports)  # the same ports; the API keeps running
+                triton.start(triton_repo, run_dir=run_dir, **free_ports)  # the same ports; the API keeps running
                 wait_for(lambda: client.get("/readyz").status_code == 200, timeout=4)
                 assert search_ok()
     finally:
@@ -156,8 +138,8 @@ def assert_consistent(index_dir: Path, index_type: str) -> tuple[dict[int, str],
     return {i: label for i, (label, _) in rows.items()}, traces
 
 
-def test_a_killed_adds_ids_never_name_a_later_item(tmp_path, synth_data, triton_server):
-    index_dir = build_index("tiny", synth_data, tmp_path / "tissue", triton_url=triton_server.grpc_url, batch=8)
+def test_a_killed_adds_ids_never_name_a_later_item(tissue_copy):
+    index_dir = tissue_copy
     api = IndexFolder(index_dir)  # a reader, as the API holds it
     old, new = np.eye(16, dtype=np.float32)[:2]
     index = faiss.read_index(str(index_dir / FAISS_FILE))
@@ -243,9 +225,8 @@ def test_index_edits_killed_at_random_points_lose_nothing(tmp_path, synth_data, 
     assert kills >= len(outcomes) // 3  # the loop really did kill edits
 
 
-def test_api_killed_while_adding_loses_no_acknowledged_item(tmp_path, synth_data, triton_server):
-    index_dir = build_index("tiny", synth_data, tmp_path / "indexes" / "tissue",
-                            triton_url=triton_server.grpc_url, batch=8)
+def test_api_killed_while_adding_loses_no_acknowledged_item(tmp_path, tissue_copy, triton_server):
+    index_dir = tissue_copy
     rng = np.random.default_rng(5)
     acknowledged: list[int] = []  # ids of adds answered 201
     repaired: set[str] = set()
@@ -280,9 +261,8 @@ def test_api_killed_while_adding_loses_no_acknowledged_item(tmp_path, synth_data
 # -- one writer at a time, many readers, across processes ----------------------------------------
 
 def test_searches_see_consistent_items_while_the_cli_and_the_api_edit_the_index(
-        tmp_path, synth_data, triton_server, serve_api):
-    index_dir = build_index("tiny", synth_data, tmp_path / "indexes" / "tissue",
-                            triton_url=triton_server.grpc_url, batch=8)
+        tmp_path, synth_data, tissue_copy, triton_server, serve_api):
+    index_dir = tissue_copy
     api = serve_api(index_dir.parent, triton_server.grpc_url)
     rng = np.random.default_rng(3)
     new_images = []

@@ -9,9 +9,7 @@ and file names at the API (hypothesis) and wants a JSON answer below 500 every t
 from __future__ import annotations
 
 import http.client
-import io
 import random
-import re
 import shutil
 import struct
 import time
@@ -26,8 +24,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from server.app import Settings, create_app
-from server.index import IndexFolder, build_index
-from tests.servers import served_in_thread
+from server.index import IndexFolder
+from tests.images import encode
+from tests.servers import assert_json_error, served_in_thread
 
 pytestmark = pytest.mark.slow  # a real Triton and a real server
 
@@ -35,12 +34,6 @@ MB = 1_000_000
 
 
 # -- the corpus ---------------------------------------------------------------------------------
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -116,12 +109,11 @@ def small_png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def indexes_dir(tmp_path_factory, synth_data, triton_server) -> Path:
-    root = tmp_path_factory.mktemp("hostile")
-    build_index("tiny", synth_data, root / "indexes" / "tissue", triton_url=triton_server.grpc_url, batch=8)
-    # A real index just outside the served folder: what a path traversal would reach.
-    shutil.copytree(root / "indexes" / "tissue", root / "secret")
-    return root / "indexes"
+def indexes_dir(indexes_dir) -> Path:
+    """The shared fixture's copy of the index, and beside it (outside the served folder) a
+    real index, `secret`: what a path traversal would reach."""
+    shutil.copytree(indexes_dir / "tissue", indexes_dir.parent / "secret")
+    return indexes_dir
 
 
 def rss_mb() -> float:
@@ -145,14 +137,6 @@ def api(indexes_dir, triton_server):
 def client(api):
     with httpx.Client(base_url=api["url"], timeout=60) as http:
         yield http
-
-
-def assert_json_error(response: httpx.Response, status: int, message: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error"} and re.search(message, body["error"]), body
-    return body["error"]
 
 
 @pytest.mark.parametrize("what, data, files, status, message", BAD_UPLOADS, ids=[case[0] for case in BAD_UPLOADS])

@@ -16,7 +16,6 @@ import httpx
 import numpy as np
 import pytest
 
-from server.index import build_index
 from tests.servers import start_api_process
 
 pytestmark = pytest.mark.slow
@@ -40,10 +39,9 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.fixture
-def api_process(tmp_path, synth_data, triton_server):
+def api_process(tmp_path, tissue_copy, triton_server):
     """`histoseek serve` over one index, in a subprocess: (base URL, pid)."""
-    build_index("tiny", synth_data, tmp_path / "indexes" / "tissue", triton_url=triton_server.grpc_url, batch=8)
-    process, url = start_api_process(tmp_path / "indexes", triton_server.grpc_url, tmp_path / "serve.log")
+    process, url = start_api_process(tissue_copy.parent, triton_server.grpc_url, tmp_path / "serve.log")
     yield url, process.pid
     process.send_signal(signal.SIGTERM)
     process.wait(30)

@@ -18,8 +18,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    """Log-softmax over the last axis (the classes, or SPQ's codewords)."""
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def nt_xent(z0: np.ndarray, z1: np.ndarray, temperature: float) -> float:
@@ -176,15 +177,10 @@ def test_spq_loss_contrasts_each_view_with_the_other_views_soft_quantization():
         return s / np.linalg.norm(s, axis=-1, keepdims=True)
 
     def soft_quantized(x):
-        weights = np.exp(_log_softmax_last(o["tau_q"] * np.einsum("nmd,mkd->nmk", sub_normalised(x), words)))
+        weights = np.exp(_log_softmax(o["tau_q"] * np.einsum("nmd,mkd->nmk", sub_normalised(x), words)))
         return np.einsum("nmk,mkd->nmd", weights, words).reshape(len(x), -1)
 
     expected = 0.5 * (nt_xent(sub_normalised(xa).reshape(4, -1), soft_quantized(xb), o["tau_cqc"])
                       + nt_xent(sub_normalised(xb).reshape(4, -1), soft_quantized(xa), o["tau_cqc"]))
     got = method.cross_quantized_loss(torch.from_numpy(xa), torch.from_numpy(xb)).item()
     assert got == pytest.approx(expected, rel=1e-4)
-
-
-def _log_softmax_last(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

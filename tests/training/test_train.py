@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from histoseek.dataset import DatasetItem, read_dataset, write_manifest
 from histoseek.errors import HistoseekError
 from training import checkpoint
 from training.train import TrainConfig, train
@@ -79,19 +80,11 @@ def test_training_refuses_a_run_of_another_encoder_and_a_missing_dataset(synth_d
 
 @pytest.mark.parametrize("name", ["dml", "clip"])
 def test_label_learning_encoders_refuse_unlabelled_data(name, synth_data, tmp_path):
-    import csv
-
-    from histoseek.dataset import read_dataset
-
     dataset = read_dataset(synth_data)
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
-    with open(unlabelled / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "group", "split", "x", "y", "source"])
-        writer.writeheader()
-        for item in dataset.items:
-            writer.writerow({"path": str(dataset.absolute(item)), "label": "", "group": item.group, "split": "",
-                             "x": 0, "y": 0, "source": item.path})
+    write_manifest(unlabelled, [DatasetItem(path=str(dataset.absolute(item)), label="", group=item.group,
+                                            source=item.path) for item in dataset.items])
     with pytest.raises(HistoseekError, match=f"encoder '{name}' learns from labels.*have none"):
         train(TrainConfig(encoder=name, data=str(unlabelled), out=str(tmp_path / "out"), epochs=1, workers=0))
     single = tmp_path / "one_class"
