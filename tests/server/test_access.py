@@ -230,6 +230,8 @@ def test_protect_search_without_keys_is_refused(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--indexes", str(tmp_path), "--protect-search"])
     assert "--protect-search needs API keys" in capsys.readouterr().err
+    with pytest.raises(HistoseekError, match="needs API keys"):  # in code as well as from the command line
+        Settings(protect_search=True)
 
 
 def test_serve_defaults_are_the_settings_defaults():
