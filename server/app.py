@@ -1,9 +1,11 @@
 """The search API (FastAPI): every index folder under `indexes_dir`, embedded through Triton.
 
-Endpoints are plain `def` functions, so FastAPI runs them in its thread pool: decoding,
-FAISS search and Triton calls never block the event loop. Index and item names from
-URLs are only ever looked up among the indexes loaded at start, never joined to a path.
-Every error is JSON `{"error": "..."}` with a message a person can act on.
+The two endpoints that decode an upload reserve its decode memory first and run in the
+admission's own thread pool, with a deadline (server/admission.py); the cheap endpoints
+are plain `def` functions in FastAPI's thread pool; /healthz and /readyz answer from the
+event loop, whatever the pools are doing. Index and item names from URLs are only ever
+looked up among the indexes loaded at start, never joined to a path. Every error is JSON
+`{"error": "..."}` with a message a person can act on.
 
 Access: with API keys configured, every request that changes an index needs one (and,
 with `protect_search`, every read of the indexes too); `server.guard` checks keys and body
@@ -11,8 +13,10 @@ size before the app reads a byte of the body. Keys are never logged.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,13 +25,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from histoseek.errors import HistoseekError
+from histoseek.imaging import read_header
+from server.admission import Admission, Busy, Job, OverBudget, Stopped
 from server.api_metrics import install_metrics
 from server.embedder import Embedder, ModelNotFound, TritonUnavailable
+from server.fields import InvalidField, NoSuchId, item_id, text_field, upload_name
+from server.framing import AS_CURL, RequestFraming
 from server.guard import RequestGuard
+from server.head import HeadAsGet
 from server.http_errors import json_error, megabytes
+from server.image_cost import decode_bytes
 from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
 from server.settings import Settings
@@ -86,9 +98,13 @@ class ApiError(Exception):
 def _status_of(exc: HistoseekError) -> int:
     if isinstance(exc, BadImage):
         return 400
-    if isinstance(exc, ImageTooLarge):
+    if isinstance(exc, (ImageTooLarge, OverBudget)):
         return 413
-    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch)):
+    if isinstance(exc, NoSuchId):
+        return 404
+    if isinstance(exc, InvalidField):
+        return 422
+    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped)):
         return 503
     return 500
 
@@ -117,7 +133,12 @@ class Service:
             if encoder not in embedders:
                 embedders[encoder] = Embedder(triton_url, encoder, protocol, timeout=settings.triton_timeout_s)
             self.cores[path.name] = SearchCore(folder, embedders[encoder], max_pixels=settings.max_pixels,
+                                               max_aspect=settings.max_aspect_ratio,
                                                check_interval_s=settings.model_check_interval_s)
+        self.admission = Admission(settings.max_decode_bytes, settings.request_timeout_s, settings.decode_wait_s,
+                                   settings.workers)
+        # /readyz asks Triton: in a thread of its own, so that busy pools never make it late.
+        self.readiness_pool = ThreadPoolExecutor(1, thread_name_prefix="histoseek-readyz")
 
     def core(self, name: str | None) -> SearchCore:
         known = ", ".join(sorted(self.cores)) or "none"
@@ -129,13 +150,33 @@ class Service:
             raise ApiError(404, f"no index named {name!r}; loaded indexes: {known}")
         return self.cores[name]
 
-    def read_upload(self, upload: UploadFile) -> bytes:
-        limit = self.settings.max_upload_bytes
-        data = upload.file.read(limit + 1)
-        if len(data) > limit:
-            raise ApiError(413, f"{_upload_name(upload)} is larger than {megabytes(limit)}; "
+    async def decode_and(self, request: Request, core: SearchCore, upload: UploadFile, work):
+        """`work(data, name, job)` in the admission's pool, once the upload's decode memory
+        (judged from its header, which only the allow-listed decoders read) is reserved."""
+        name, limit = upload_name(upload.filename), self.settings.max_upload_bytes
+        size = upload.size if upload.size is not None else limit + 1
+        if size > limit:
+            raise ApiError(413, f"{name} is larger than {megabytes(limit)}; "
                                 "send a smaller patch or tile the image first (histoseek data prepare)")
-        return data
+        if size == 0:
+            raise BadImage(f"{name} is empty: send a PNG, JPEG or TIFF file")
+
+        def header():
+            upload.file.seek(0)
+            try:
+                return read_header(upload.file, max_pixels=core.max_pixels, max_aspect=core.max_aspect, name=name)
+            except ImageTooLarge:
+                raise
+            except HistoseekError as exc:
+                raise BadImage(str(exc)) from None
+
+        cost = decode_bytes(await run_in_threadpool(header), core.folder.manifest.get("input_size", 224)) + size
+
+        def run(job: Job):
+            upload.file.seek(0)
+            return work(upload.file.read(limit + 1), name, job)
+
+        return await self.admission.run(cost, run, request.is_disconnected)
 
     def readiness(self) -> dict[str, str]:
         """Problems by part ('index <name>' or 'indexes'); empty when everything is ready."""
@@ -158,20 +199,13 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-_AS_CURL = "as `curl -F image=@tile.png …` does"
-
-
 def _multipart(request: Request) -> None:
-    """Uploads come as multipart/form-data; anything else would only get a puzzling 'field required'."""
+    """Uploads come as multipart/form-data; anything else would only get a puzzling 'field required'.
+    (A malformed multipart request never gets here: server.framing answers it.)"""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, f"send the image as multipart/form-data (got {content_type or 'no content type'!r}), "
-                            f"{_AS_CURL}")
-
-
-def _upload_name(upload: UploadFile) -> str:
-    # Echoed in messages and stored as the item's source: a client's name, so kept short.
-    return (upload.filename or "image")[:200]
+                            f"{AS_CURL}")
 
 
 def _image_url(index: str, item_id: int) -> str:
@@ -188,8 +222,11 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
                   description="Content-based retrieval of histopathology image patches.")
     app.state.service = service
     # Added innermost first: CORS outermost (its headers reach every answer, and a preflight
-    # needs no key), then the metrics (they count refusals too), then the guard.
+    # needs no key), then the metrics (they count refusals too), then HEAD routed as GET,
+    # the guard (keys, size) and the framing checks.
+    app.add_middleware(RequestFraming)
     app.add_middleware(RequestGuard, settings=service.settings)
+    app.add_middleware(HeadAsGet)
     install_metrics(app)
     if service.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_origins),
@@ -198,13 +235,14 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     upload = [Depends(_multipart)]
 
     @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)", dependencies=upload)
-    def search(image: UploadFile = File(...), index: str | None = Form(None), k: int | None = Form(None),
-               svc: Service = Depends(_service)) -> SearchResponse:
+    async def search(request: Request, image: UploadFile = File(...), index: str | None = Form(None),
+                     k: int | None = Form(None), svc: Service = Depends(_service)) -> SearchResponse:
         k = svc.settings.default_k if k is None else k
         if not 1 <= k <= svc.settings.max_k:
             raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
         core = svc.core(index)
-        outcome = core.search(svc.read_upload(image), k, name=_upload_name(image))
+        outcome = await svc.decode_and(request, core, image,
+                                       lambda data, name, job: core.search(data, k, name=name, check=job.check))
         name = core.folder.name
         for stage, ms in outcome.timings_ms.items():
             app.state.stage_seconds.labels(stage).observe(ms / 1000)
@@ -226,43 +264,60 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
 
     @app.get("/v1/items/{index}/{item_id}/image", summary="An indexed item's stored thumbnail (JPEG)",
              response_class=Response)
-    def item_image(index: str, item_id: int, svc: Service = Depends(_service)) -> Response:
-        thumbnail = svc.core(index).folder.store.thumbnail(item_id)
+    def item_image(index: str, item_id: str, svc: Service = Depends(_service)) -> Response:
+        folder = svc.core(index).folder
+        thumbnail = folder.store.thumbnail(_item_id(index, item_id))
         if thumbnail is None:
             raise ApiError(404, f"index {index!r} has no item {item_id}")
         return Response(thumbnail, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/v1/indexes/{index}/items", status_code=201, summary="Embed an image and add it to an index",
               dependencies=upload)
-    def add_item(index: str, image: UploadFile = File(...), label: str = Form(...), group: str | None = Form(None),
-                 svc: Service = Depends(_service)) -> AddedItem:
+    async def add_item(request: Request, index: str, image: UploadFile = File(...), label: str = Form(...),
+                       group: str | None = Form(None), svc: Service = Depends(_service)) -> AddedItem:
         core = svc.core(index)
-        name = _upload_name(image)
-        embedding, thumbnail = core.prepare_item(svc.read_upload(image), name)
+        label = text_field("label", label, "the form field `label`")
+        if group:  # empty: not given
+            group = text_field("group", group, "the form field `group`")
+        embedding, thumbnail, name = await svc.decode_and(
+            request, core, image, lambda data, name, job: (*core.prepare_item(data, name, check=job.check), name))
         # Without a group the item is its own group, as every image of a folder-per-class dataset.
         item = Item(-1, f"upload:{name}", label, group or f"upload:{time.time_ns()}", source=name)
-        (item_id,) = core.folder.add(embedding[None], [item], [thumbnail])
-        return AddedItem(index=index, id=item_id, label=label, group=item.group, image_url=_image_url(index, item_id))
+        (new_id,) = await run_in_threadpool(core.folder.add, embedding[None], [item], [thumbnail])
+        return AddedItem(index=index, id=new_id, label=label, group=item.group, image_url=_image_url(index, new_id))
 
     @app.delete("/v1/indexes/{index}/items/{item_id}", summary="Remove an item from an index")
-    def delete_item(index: str, item_id: int, svc: Service = Depends(_service)) -> dict:
-        if not svc.core(index).folder.remove([item_id]):
+    def delete_item(index: str, item_id: str, svc: Service = Depends(_service)) -> dict:
+        folder = svc.core(index).folder
+        if not folder.remove([_item_id(index, item_id)]):
             raise ApiError(404, f"index {index!r} has no item {item_id}")
-        return {"index": index, "id": item_id, "deleted": True}
+        return {"index": index, "id": int(item_id), "deleted": True}
 
     @app.get("/healthz", summary="The process is up")
-    def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> dict:
+        return {"status": "ok"}  # on the event loop: no pool, however busy, delays it
 
     @app.get("/readyz", summary="Triton reachable, models ready and matching, indexes loaded")
-    def readyz(svc: Service = Depends(_service)) -> JSONResponse:
-        problems = svc.readiness()
+    async def readyz() -> JSONResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            problems = await asyncio.wait_for(loop.run_in_executor(service.readiness_pool, service.readiness),
+                                              service.settings.triton_timeout_s)
+        except asyncio.TimeoutError:
+            problems = {"triton": f"the readiness check took longer than {service.settings.triton_timeout_s:g} s"}
         if problems:
             return JSONResponse({"ready": False, "error": "; ".join(f"{part}: {why}" for part, why in problems.items()),
                                  "not_ready": problems}, status_code=503)
-        return JSONResponse({"ready": True, "indexes": sorted(svc.cores)})
+        return JSONResponse({"ready": True, "indexes": sorted(service.cores)})
 
     return app
+
+
+def _item_id(index: str, text: str) -> int:
+    try:
+        return item_id(text)
+    except NoSuchId:
+        raise ApiError(404, f"index {index!r} has no item {text[:40]}") from None
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -275,7 +330,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = _status_of(exc)
         if status == 500:
             log.error("request %s failed: %s", request.url.path, exc)
-        return json_error(status, str(exc))
+        # Retry-After where waiting helps: others' decodes finish within seconds.
+        return json_error(status, str(exc), {"Retry-After": "2"} if isinstance(exc, Busy) else None)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("%s %s: the client went away before its request was read", request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -287,8 +348,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):  # routing's own
             message = f"{request.method} {request.url.path} is not an endpoint of this API; see /docs for the endpoints"
-        elif exc.status_code == 400:  # the multipart parser's: a body that is not the form it claims to be
-            message = f"{message.rstrip('.')}; send the image as multipart/form-data, {_AS_CURL}"
+        elif exc.status_code == 400 and "multipart/form-data" not in message:
+            # the multipart parser's: a body that is not the form it claims to be
+            message = f"{message.rstrip('.')}; send the image as multipart/form-data, {AS_CURL}"
         return json_error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
@@ -303,13 +365,18 @@ def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str 
     import faiss
     import uvicorn
 
+    from server.memory import return_freed_memory
+    from server.protocol import uvicorn_config
+
     # Requests already run in parallel threads; OpenMP teams inside each search would
     # oversubscribe the cores (and spin), so every search keeps to its own thread.
     faiss.omp_set_num_threads(1)
+    return_freed_memory()
     app = create_app(indexes_dir, triton_url, protocol, settings)
     settings = app.state.service.settings
     access = ("no API keys: anyone who reaches the port may add and remove items" if not settings.api_keys else
               f"{len(settings.api_keys)} API keys, needed for {'reads and writes' if settings.protect_search else 'writes'}")
-    log.info("serving %d indexes from %s on http://%s:%d (docs at /docs); %s",
-             len(app.state.service.cores), indexes_dir, host, port, access)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    log.info("serving %d indexes from %s on http://%s:%d (docs at /docs); %s; decode budget %s, "
+             "requests stopped after %g s", len(app.state.service.cores), indexes_dir, host, port, access,
+             megabytes(settings.max_decode_bytes), settings.request_timeout_s)
+    uvicorn.Server(uvicorn_config(app, host, port, settings)).run()

@@ -27,6 +27,7 @@ from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_d
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image, resize_and_crop
 from server.embedder import Embedder
+from server.fields import text_field
 from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
 from server.index_types import check_index_type, new_faiss_index
 from server.store import Item, Store, thumbnail_jpeg
@@ -36,7 +37,7 @@ _STATE = "state.json"
 
 
 def _prepare_file(path: Path, size: int) -> tuple[np.ndarray, bytes]:
-    image = load_image(path)
+    image = load_image(path, model_size=size)  # decoded as the server decodes a query of it
     return resize_and_crop(image, size), thumbnail_jpeg(image)
 
 
@@ -190,6 +191,9 @@ def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | No
         files = [Path(p) for p in ([source] if isinstance(source, (str, Path)) else source)]
         if not label:
             raise HistoseekError("images added one by one need a label (--label); a dataset folder brings its own")
+        label = text_field("label", label, "--label")
+        if group is not None:
+            group = text_field("group", group, "--group")
         unreadable = [str(p) for p in files if not is_image_file(p)]
         if unreadable:
             raise HistoseekError(f"missing or not image files ({', '.join(sorted(IMAGE_SUFFIXES))}): "

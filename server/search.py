@@ -8,28 +8,28 @@ Triton can load a new version while the API runs).
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from histoseek.errors import HistoseekError
-from histoseek.imaging import DEFAULT_MAX_PIXELS, decode_image, resize_and_crop
+from histoseek.imaging import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, resize_and_crop
 from histoseek.metrics import majority_label
+from server.admission import Stopped
 from server.embedder import Embedder
+from server.image_cost import check_scans
 from server.index import Hit, IndexFolder, ModelMismatch, check_model
 from server.store import thumbnail_jpeg
 
+__all__ = ["BadImage", "ImageTooLarge", "SearchCore", "SearchOutcome"]
+
 
 class BadImage(HistoseekError):
-    """The upload is not a readable image."""
-
-
-class ImageTooLarge(HistoseekError):
-    """The upload has more pixels than the server accepts."""
+    """The upload is not a readable image, or not one that can be a patch."""
 
 
 @dataclass(frozen=True)
@@ -39,24 +39,20 @@ class SearchOutcome:
     timings_ms: dict[str, float]
 
 
-def _pixels(data: bytes) -> float:
-    """Pixel count from the image header alone; inf for a decompression bomb, 0 if unreadable."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            return probe.size[0] * probe.size[1]
-    except Image.DecompressionBombError:
-        return float("inf")
-    except Exception:  # any unreadable header: decode_image's own message stands
-        return 0
+Check = Callable[[], None]  # raises to stop the work of an abandoned or late request
+
+
+def _never() -> None:
+    pass
 
 
 class SearchCore:
     """One index folder paired with the Triton model that embeds its queries."""
 
     def __init__(self, folder: IndexFolder, embedder: Embedder, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 check_interval_s: float = 5.0):
+                 max_aspect: float | None = None, check_interval_s: float = 5.0):
         self.folder, self.embedder = folder, embedder
-        self.max_pixels, self.check_interval_s = max_pixels, check_interval_s
+        self.max_pixels, self.max_aspect, self.check_interval_s = max_pixels, max_aspect, check_interval_s
         self._checked: tuple[float, str | None, Exception | None] | None = None
         self._check_lock = threading.Lock()
 
@@ -79,33 +75,41 @@ class SearchCore:
         if checked[2] is not None:
             raise checked[2]
 
-    def decode(self, data: bytes, name: str = "image") -> Image.Image:
+    def model_size(self) -> int:
+        return int(self.embedder.spec()["input_size"])
+
+    def decode(self, data: bytes, name: str = "image", check: Check = _never) -> Image.Image:
+        """The upload as an RGB image, reduced when far larger than the model input. Only the
+        allow-listed decoders ever see it; its limits are checked from its header first."""
+        size = self.model_size()  # outside the try: Triton being unreachable is not the image's fault
         try:
-            return decode_image(data, max_pixels=self.max_pixels, name=name)
+            check_scans(data, name)
+            return decode_image(data, max_pixels=self.max_pixels, max_aspect=self.max_aspect, name=name,
+                                model_size=size, check=check)
+        except (ImageTooLarge, Stopped):
+            raise
         except HistoseekError as exc:
-            pixels = _pixels(data)
-            if pixels > self.max_pixels:
-                raise ImageTooLarge(
-                    str(exc) if pixels != float("inf") else
-                    f"{name} has more than {self.max_pixels:,} pixels; tile large images first (histoseek data prepare)"
-                ) from None
             raise BadImage(str(exc)) from None
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        return resize_and_crop(image, int(self.embedder.spec()["input_size"]))
+        return resize_and_crop(image, self.model_size())
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         self.verify_model()
         return self.embedder.embed(images)
 
-    def search(self, data: bytes, k: int, name: str = "image") -> SearchOutcome:
-        """Search with one uploaded image; timings of each stage in milliseconds."""
+    def search(self, data: bytes, k: int, name: str = "image", check: Check = _never) -> SearchOutcome:
+        """Search with one uploaded image; timings of each stage in milliseconds. `check` is
+        called between the stages (and inside the decode) and may raise to stop."""
         marks = [time.perf_counter()]
-        image = self.decode(data, name)
+        image = self.decode(data, name, check)
         marks.append(time.perf_counter())
         model_input = self.preprocess(image)
+        del image
+        check()
         marks.append(time.perf_counter())
         embedding = self.embed(model_input[None])
+        check()
         marks.append(time.perf_counter())
         hits = self.folder.search(embedding, k)[0]
         marks.append(time.perf_counter())
@@ -118,7 +122,10 @@ class SearchCore:
         """Search with preprocessed images (uint8 [N, S, S, 3]), skipping each query's group."""
         return self.folder.search(self.embed(images), k, exclude_groups)
 
-    def prepare_item(self, data: bytes, name: str = "image") -> tuple[np.ndarray, bytes]:
+    def prepare_item(self, data: bytes, name: str = "image", check: Check = _never) -> tuple[np.ndarray, bytes]:
         """The embedding and stored thumbnail of an image to add to the index."""
-        image = self.decode(data, name)
-        return self.embed(self.preprocess(image)[None])[0], thumbnail_jpeg(image)
+        image = self.decode(data, name, check)
+        model_input, thumbnail = self.preprocess(image), thumbnail_jpeg(image)
+        del image
+        check()
+        return self.embed(model_input[None])[0], thumbnail

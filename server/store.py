@@ -5,7 +5,9 @@ here is never returned (see server/index.py for why such vectors can exist).
 
 Each thread keeps its own connection (sqlite connections cannot be shared between the
 API's worker threads, and opening one costs ~0.4 ms, more than a small search), and
-reopens it when the file was replaced by a rebuild. The journal stays the default
+reopens it when the file was replaced by a rebuild. It is closed when its thread ends: a
+connection is part of a reference cycle, so dropping it would leave the file open until
+the next garbage collection. The journal stays the default
 rollback one, not WAL: writes are rare and short, and the folder then holds only its own
 files, so it can be copied whenever no write is running.
 
@@ -92,7 +94,10 @@ class Store:
             if cached is not None:
                 cached[1].close()
             # mode=rw: a missing file is an error, never silently a new empty database.
-            cached = (inode, sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30))
+            # check_same_thread=False only so that the closer below may run wherever the
+            # thread's locals are torn down; the connection is still used by its thread alone.
+            conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30, check_same_thread=False)
+            cached = (inode, conn, _Closer(conn))
             self._local.connection = cached
         return cached[1]
 
@@ -166,6 +171,17 @@ class Store:
         row = self._connection().execute(
             'SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM items GROUP BY "group")').fetchone()
         return int(row[0] or 0)
+
+
+class _Closer:
+    """Held only by a thread's locals, and in no cycle: freed, closing the connection, as
+    soon as the thread ends (or the connection is replaced)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __del__(self) -> None:
+        self.conn.close()
 
 
 def _raise_next_id(conn: sqlite3.Connection, end: int) -> None:
