@@ -188,9 +188,10 @@ def api_keys(key_file: Path | None) -> tuple[str, ...]:
 def cmd_serve(args: argparse.Namespace) -> None:
     from server.app import serve
 
+    budget = {} if args.max_decode_mb is None else {"max_decode_bytes": int(args.max_decode_mb * 1e6)}
     settings = Settings(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_k=args.max_k,
-                        api_keys=api_keys(args.api_key_file), protect_search=args.protect_search,
-                        cors_origins=tuple(args.cors_origin))
+                        request_timeout_s=args.request_timeout, api_keys=api_keys(args.api_key_file),
+                        protect_search=args.protect_search, cors_origins=tuple(args.cors_origin), **budget)
     serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port, settings=settings)
 
 
@@ -369,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--max-k", type=_positive(int), default=Settings.max_k,
                    help="most results one search may ask for (default: %(default)s)")
+    p.add_argument("--max-decode-mb", type=_positive(float), default=None,
+                   help="decode memory of all uploads in flight together, in MB; uploads that do not fit wait "
+                        "a few seconds, then get 503 with Retry-After (default: a quarter of the machine's memory)")
+    p.add_argument("--request-timeout", type=_positive(float), default=Settings.request_timeout_s,
+                   help="seconds a search or an add may take to decode, embed and search; then it is stopped "
+                        "and answered 503 (default: %(default)s)")
     p.add_argument("--api-key-file", type=Path,
                    help=f"API keys, one a line: adding and removing items then needs one (default: ${API_KEYS_ENV}, "
                         "comma separated; neither: no keys)")
