@@ -82,18 +82,18 @@ def _open(data: bytes | io.BufferedIOBase, *, trusted: bool, read_check: Callabl
 
 
 class _CheckedStream(io.BytesIO):
-    """The bytes of an image, handed to Pillow's decoders in small blocks with a check before each."""
+    """The bytes of an image, handed to Pillow's decoders with a check before each block."""
 
     def __init__(self, data: bytes, check: Callable[[], None] | None):
         super().__init__(data)
         self.check = check
 
     def read(self, size: int | None = -1) -> bytes:
+        # Decoders take their input in blocks (64 KB) and do work in proportion to each, so
+        # a stop is honoured within a block. (Returning less than asked for is not an
+        # option: Pillow's PNG reader then loses the rest of the chunk.)
         if self.check is not None:
             self.check()
-            # Small blocks: a decoder does work in proportion to what it is given, so a
-            # stop request is honoured within one block of a slow (e.g. progressive) image.
-            size = 16384 if size is None or size < 0 or size > 16384 else size
         return super().read(size)
 
 
@@ -164,11 +164,11 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, na
             image.draft(image.mode, (reduce_to, reduce_to))  # decode at 1/2, 1/4 or 1/8 scale
         image.load()
         orientation = image.getexif().get(_ORIENTATION, 1)
-        image = _before_reduce(image)
+        image = _before_reduce(image, check or _go_on)
         if reduce_to:
             factor = min(image.size) // reduce_to
             if factor >= 2:
-                image = image.reduce(factor)
+                image = _reduce(image, factor, check or _go_on)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
         return to_rgb(image)
@@ -178,11 +178,28 @@ def _pixels(image: Image.Image) -> int:
     return image.size[0] * image.size[1]
 
 
-def _before_reduce(image: Image.Image) -> Image.Image:
+def _go_on() -> None:
+    pass
+
+
+def _reduce(image: Image.Image, factor: int, check: Callable[[], None]) -> Image.Image:
+    """Image.reduce in bands of rows (a multiple of `factor` each, so the same pixels):
+    reducing RGBA or LA converts it to premultiplied alpha, whole, first, which for a
+    25-megapixel image would be another 100 MB."""
+    width, height = image.size
+    out = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, _BAND_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        check()
+        out.paste(image.crop((0, top, width, min(top + rows, height))).reduce(factor), (0, top // factor))
+    return out
+
+
+def _before_reduce(image: Image.Image, check: Callable[[], None]) -> Image.Image:
     """Modes whose pixel values cannot be averaged (palette indices, 16-bit and float ranges
     still to be stretched, bilevel) turned into ones that can, at the least memory."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _stretch_to_l(image)
+        return _stretch_to_l(image, check)
     if image.mode in ("P", "PA"):
         return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
     if image.mode == "1":
@@ -190,7 +207,7 @@ def _before_reduce(image: Image.Image) -> Image.Image:
     return image
 
 
-def _stretch_to_l(image: Image.Image) -> Image.Image:
+def _stretch_to_l(image: Image.Image, check: Callable[[], None] = _go_on) -> Image.Image:
     """High bit-depth microscopy exports: the actual (finite) range rescaled to 0..255, in
     bands of rows, so that the float64 arithmetic never holds more than a band."""
     # float64: a float32 image's range can be anything from a denormal (1e-45, whose
@@ -204,6 +221,7 @@ def _stretch_to_l(image: Image.Image) -> Image.Image:
 
     lo, hi = np.inf, -np.inf
     for top, bottom in bands:
+        check()
         values = band(top, bottom)
         finite = values[np.isfinite(values)]
         if finite.size:
@@ -213,6 +231,7 @@ def _stretch_to_l(image: Image.Image) -> Image.Image:
     scale = 255 / (hi - lo) if hi > lo else 0.0
     out = np.empty((height, width), np.uint8)
     for top, bottom in bands:
+        check()
         values = band(top, bottom)
         np.nan_to_num(values, copy=False, nan=lo, posinf=hi, neginf=lo)
         scaled = np.clip((values - lo) * scale, 0, 255)

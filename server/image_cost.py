@@ -38,10 +38,11 @@ def decode_bytes(header: Header, model_size: int) -> int:
     pixels = width * height
     keep = keep_side(model_size)
     reduces = pixels > REDUCE_ABOVE_PIXELS and min(width, height) >= 2 * keep
-    decoded = pixels
+    scale = 1  # libjpeg's DCT scaling (Image.draft)
     if reduces and header.format == "JPEG":
         scale = next(s for s in (8, 4, 2, 1) if min(width, height) // s >= keep)
-        decoded = -(-width // scale) * -(-height // scale)
+    decoded_w, decoded_h = -(-width // scale), -(-height // scale)
+    decoded = decoded_w * decoded_h
     cost = decoded * _bytes_per_pixel(header.mode) * (2 if header.format in _DOUBLE_BUFFERED else 1)
     if header.progressive:  # every DCT coefficient (2 bytes) of every component, kept until the end
         cost += 2 * pixels * (1 if header.mode == "L" else 3)
@@ -54,9 +55,11 @@ def decode_bytes(header: Header, model_size: int) -> int:
     elif header.mode == "1":
         cost += decoded
     # After it, on what is left: up to four RGBA-sized copies (alpha compositing) and a transposition.
-    short = min(width, height)
-    left = decoded if not reduces else -(-width * keep // short) * -(-height * keep // short) * 4
-    return cost + 5 * 4 * min(left, decoded) + _SLACK
+    left = decoded
+    if reduces:
+        factor = max(1, min(decoded_w, decoded_h) // keep)
+        left = -(-decoded_w // factor) * -(-decoded_h // factor)
+    return cost + 5 * 4 * left + _SLACK
 
 
 def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
