@@ -32,6 +32,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # audited decoders (EPS even runs Ghostscript): untrusted uploads never reach them.
 FORMATS = ("PNG", "JPEG", "TIFF", "GIF", "BMP", "WEBP")  # JPEG covers MPO (multi-picture camera JPEGs)
 _SEND = "send a PNG, JPEG or TIFF file"
+JPEG_FORMATS = ("JPEG", "MPO")  # what Pillow reports for the JPEG decoder's files
 
 # Images up to this size keep every pixel until the final resize (patches are far
 # smaller, so their model input is what it always was). Larger ones, when decoded for a
@@ -103,7 +104,7 @@ def read_header(data: bytes | io.BufferedIOBase, *, max_pixels: int | None = DEF
     with _decoding_errors(name, max_pixels):
         with _open(data, trusted=max_pixels is None) as image:
             _check_shape(image, max_pixels, max_aspect, name)
-            progressive = image.format == "JPEG" and bool(image.info.get("progressive"))
+            progressive = image.format in JPEG_FORMATS and bool(image.info.get("progressive"))
             return Header(image.format, image.mode, image.size, progressive)
 
 
@@ -160,7 +161,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, na
         image = _open(data, trusted=max_pixels is None, read_check=check)
         _check_shape(image, max_pixels, max_aspect, name)
         reduce_to = keep_side(model_size) if model_size and _pixels(image) > REDUCE_ABOVE_PIXELS else None
-        if reduce_to and image.format == "JPEG":
+        if reduce_to and image.format in JPEG_FORMATS:
             image.draft(image.mode, (reduce_to, reduce_to))  # decode at 1/2, 1/4 or 1/8 scale
         image.load()
         orientation = image.getexif().get(_ORIENTATION, 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from histoseek.errors import HistoseekError
-from histoseek.imaging import REDUCE_ABOVE_PIXELS, Header, keep_side
+from histoseek.imaging import JPEG_FORMATS, REDUCE_ABOVE_PIXELS, Header, keep_side
 
 # Pillow keeps 8-bit single-band images in 1 byte a pixel, 16-bit in 2, everything else
 # (RGB included) in 4.
@@ -39,7 +39,7 @@ def decode_bytes(header: Header, model_size: int) -> int:
     keep = keep_side(model_size)
     reduces = pixels > REDUCE_ABOVE_PIXELS and min(width, height) >= 2 * keep
     scale = 1  # libjpeg's DCT scaling (Image.draft)
-    if reduces and header.format == "JPEG":
+    if reduces and header.format in JPEG_FORMATS:
         scale = next(s for s in (8, 4, 2, 1) if min(width, height) // s >= keep)
     decoded_w, decoded_h = -(-width // scale), -(-height // scale)
     decoded = decoded_w * decoded_h
