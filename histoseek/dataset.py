@@ -1,8 +1,8 @@
 """Dataset folders: the files that `data synth` / `data prepare` write and later stages read.
 
 A dataset folder is either
-- a prepared folder with `manifest.csv` (columns: path, label, group, split, x, y, source;
-  `path` relative to the folder), or
+- a prepared folder with `manifest.csv` (columns: path, label, group, split, x, y, source,
+  and for tiles of whole slides mpp and mosaic; `path` relative to the folder), or
 - any folder-per-class tree (`<root>/<label>/*.png|jpg|tif`), read as if it had a
   manifest where every image is its own group.
 
@@ -20,6 +20,7 @@ from histoseek import atomic
 from histoseek.errors import HistoseekError
 
 MANIFEST_NAME = "manifest.csv"
+SLIDES_NAME = "slides.csv"  # whole slides the tiles were cut from (data prepare --format slides)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
@@ -32,9 +33,15 @@ class DatasetItem:
     x: int = 0
     y: int = 0
     source: str = ""
+    # Tiles of whole slides (`data prepare --format slides`): x, y are level-0 pixels of the
+    # slide `group`, `mpp` the µm/px the tile was cut at, `mosaic` 1 for the slide's mosaic
+    # tiles. Older manifests lack these columns and read as 0.
+    mpp: float = 0.0
+    mosaic: int = 0
 
 
 MANIFEST_COLUMNS = [f.name for f in fields(DatasetItem)]
+SLIDE_COLUMNS = ["mpp", "mosaic"]  # written only by manifests that hold slide tiles
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ def _read_manifest(path: Path) -> list[DatasetItem]:
             DatasetItem(
                 path=row["path"], label=row["label"], group=row["group"], split=row.get("split") or "",
                 x=int(row.get("x") or 0), y=int(row.get("y") or 0), source=row.get("source") or "",
+                mpp=float(row.get("mpp") or 0.0), mosaic=int(row.get("mosaic") or 0),
             )
             for row in reader
         ]
@@ -116,10 +124,22 @@ def _scan_class_folders(root: Path) -> list[DatasetItem]:
 
 def write_manifest(root: Path | str, items: list[DatasetItem]) -> Path:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    # Manifests of plain images keep the columns they always had.
+    slides = any(item.mpp or item.mosaic for item in items)
+    columns = MANIFEST_COLUMNS if slides else [c for c in MANIFEST_COLUMNS if c not in SLIDE_COLUMNS]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for item in items:
         writer.writerow(asdict(item))
     path = Path(root) / MANIFEST_NAME
     atomic.write_text(path, buffer.getvalue())
     return path
+
+
+def read_slides_table(root: Path | str) -> list[dict]:
+    """The rows of a dataset folder's slides.csv ([] for a folder of plain images)."""
+    path = Path(root) / SLIDES_NAME
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
