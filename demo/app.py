@@ -100,7 +100,7 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                 image = gr.Image(type="pil", label="Query patch", sources=["upload", "clipboard"], height=260,
                                  elem_id="query-image")
                 gr.Examples([[str(p)] for p in sorted(EXAMPLES_DIR.glob("*.png"))], inputs=image,
-                            label="Examples (synthetic H&E tiles)", elem_id="examples")
+                            label="Examples (real colorectal H&E tiles from another collection)", elem_id="examples")
                 with gr.Row(equal_height=True):
                     index = gr.Dropdown(label="Index", choices=[], scale=5, elem_id="index-dropdown")
                     refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60, elem_id="refresh-indexes")

@@ -1,4 +1,8 @@
-"""`histoseek export`: checkpoint folder -> verified ONNX -> new model-repository version."""
+"""`histoseek export`: checkpoint folder -> verified ONNX -> new model-repository version.
+
+A collapsed model (every tile embeds alike, histoseek/collapse.py) is refused unless
+forced: served, it would answer every search with arbitrary tiles at similarity 1.00.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,6 +15,7 @@ from export.onnx_export import export_onnx
 from export.repository import write_model_version
 from export.triton_config import MAX_QUEUE_DELAY_US
 from export.verify import sample_images, verify_onnx
+from histoseek import collapse
 from histoseek.errors import HistoseekError
 from training import checkpoint
 
@@ -18,9 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, verify_data: Path | None = None,
-                      queue_delay_us: int = MAX_QUEUE_DELAY_US) -> Path:
+                      queue_delay_us: int = MAX_QUEUE_DELAY_US, force: bool = False) -> Path:
     """Export, verify on real images (the training data unless `verify_data` is given),
-    and write the next version of `repo/<encoder>/`; returns the version folder."""
+    and write the next version of `repo/<encoder>/`; returns the version folder.
+    `force` exports a collapsed model all the same (e.g. to measure latency)."""
     backbone, spec = checkpoint.load_backbone(checkpoint_dir)
     data = verify_data or checkpoint.read_config(checkpoint_dir).get("data")
     if not data or not Path(data).is_dir():
@@ -30,8 +36,14 @@ def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, v
     images = sample_images(Path(data), spec.input_size)
     with tempfile.TemporaryDirectory(prefix="histoseek-export-") as tmp:
         onnx_path = export_onnx(backbone, spec, Path(tmp) / "model.onnx", fp16=fp16)
-        max_diff = verify_onnx(backbone, spec, onnx_path, images, fp16=fp16)
-        spec_dict = spec.to_dict() | {"verify_max_abs_diff": max_diff, "fp16": fp16}
+        max_diff, embeddings = verify_onnx(backbone, spec, onnx_path, images, fp16=fp16)
+        spread = collapse.similarity_spread(embeddings)
+        if spread["collapsed"] and not force:
+            raise HistoseekError(
+                f"{checkpoint_dir} is collapsed: {collapse.describe(spread)} on {len(images)} tiles of {data}. "
+                "Served, it would rank tiles at random. Retrain it (the cpu preset starts from ImageNet weights; "
+                "a lower learning rate or another encoder also help) or pass --force to export it anyway")
+        spec_dict = spec.to_dict() | {"verify_max_abs_diff": max_diff, "fp16": fp16, "similarity_spread": spread}
         # Arrays the index needs beside the model (SPQ's codebooks), as .npy files.
         extra_files = {}
         for file_name, array in getattr(backbone, "export_arrays", dict)().items():

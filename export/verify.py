@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from histoseek.dataset import read_dataset
+from histoseek.dataset import Dataset, read_dataset
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_model_input
 from export.onnx_export import ContractModel
@@ -25,9 +25,9 @@ TOLERANCE_FP32 = 1e-4
 TOLERANCE_FP16 = 2e-2
 
 
-def sample_images(data: Path, size: int, count: int = 32) -> np.ndarray:
+def sample_images(data: Path | Dataset, size: int, count: int = 32) -> np.ndarray:
     """Up to `count` tiles spread over the dataset's classes, as uint8 `[N, S, S, 3]`."""
-    dataset = read_dataset(data)
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
     by_label: dict[str, list] = {}
     for item in dataset.items:
         by_label.setdefault(item.label, []).append(item)
@@ -40,8 +40,9 @@ def sample_images(data: Path, size: int, count: int = 32) -> np.ndarray:
 
 
 def verify_onnx(backbone: torch.nn.Module, spec: EncoderSpec, onnx_path: Path, images: np.ndarray,
-                *, fp16: bool = False) -> float:
-    """Return the max abs difference between PyTorch and onnxruntime; raise above tolerance."""
+                *, fp16: bool = False) -> tuple[float, np.ndarray]:
+    """Return the max abs difference between PyTorch and onnxruntime and the ONNX model's
+    embeddings of `images`; raise above tolerance."""
     with torch.no_grad():
         expected = ContractModel(backbone, spec).eval()(torch.from_numpy(images)).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -53,4 +54,4 @@ def verify_onnx(backbone: torch.nn.Module, spec: EncoderSpec, onnx_path: Path, i
     log.info("ONNX vs PyTorch on %d real images: max abs diff %.2e (tolerance %.0e)", len(images), diff, tolerance)
     if not diff <= tolerance:
         raise HistoseekError(f"exported model disagrees with PyTorch: max abs diff {diff:.3e} > {tolerance:.0e}")
-    return diff
+    return diff, actual

@@ -1,8 +1,9 @@
-"""`histoseek quickstart` (what `make demo` runs): the whole system on its own data.
+"""`histoseek quickstart` (what `make demo` runs): the whole system on real tissue.
 
-synthetic tiles -> a few minutes of `cpu`-preset DINO -> ONNX export -> Triton ->
-FAISS index -> search API -> Gradio demo; prints the URLs and stays up until Ctrl-C,
-which stops everything it started. Every stage is the documented `histoseek` command
+240 real colorectal H&E tiles shipped with the project (demo/collection/kather2016, CC BY
+4.0) -> a couple of minutes of fine-tuning the `cpu` preset from its ImageNet start ->
+ONNX export -> Triton -> FAISS index -> search API -> Gradio demo; prints the URLs and
+stays up until Ctrl-C, which stops everything it started. Every stage is the documented `histoseek` command
 run as a subprocess, so the demo exercises exactly what the README tells users to run.
 Stages whose output already exists are skipped, so a second `make demo` is quick.
 """
@@ -23,13 +24,15 @@ from histoseek.processes import histoseek_command, wait_http
 log = logging.getLogger(__name__)
 
 
+DEMO_COLLECTION = Path(__file__).resolve().parent.parent / "demo" / "collection" / "kather2016"
+
+
 @dataclass
 class QuickstartConfig:
     workdir: Path
-    encoder: str = "dino"
-    train_minutes: float = 3.0
-    classes: int = 6
-    per_class: int = 60
+    encoder: str = "simclr"
+    train_minutes: float = 2.0
+    collection: Path = DEMO_COLLECTION
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
@@ -56,10 +59,11 @@ def _stop(process: subprocess.Popen, what: str) -> None:
 
 def _build_stages(cfg: QuickstartConfig) -> dict[str, Path]:
     w = cfg.workdir
-    paths = {"data": w / "data", "checkpoint": w / "checkpoints" / cfg.encoder, "repo": w / "model_repository",
-             "indexes": w / "indexes", "triton_run": w / "run" / "triton"}
-    if not (paths["data"] / "manifest.csv").is_file():
-        _run("data", "synth", "--out", paths["data"], "--classes", cfg.classes, "--per-class", cfg.per_class)
+    paths = {"data": Path(cfg.collection), "checkpoint": w / "checkpoints" / cfg.encoder,
+             "repo": w / "model_repository", "indexes": w / "indexes", "triton_run": w / "run" / "triton"}
+    if not paths["data"].is_dir():
+        raise HistoseekError(f"the demo collection {paths['data']} is missing; pass --collection DIR "
+                             "(a folder per class of H&E tiles)")
     if not (paths["checkpoint"] / "weights.safetensors").is_file():
         _run("train", "--encoder", cfg.encoder, "--data", paths["data"], "--out", paths["checkpoint"],
              "--max-minutes", cfg.train_minutes)
@@ -88,7 +92,7 @@ def run_quickstart(cfg: QuickstartConfig) -> None:
          "--metrics-port", cfg.triton_metrics_port)
     processes: list[tuple[subprocess.Popen, str]] = []
     try:
-        index = paths["indexes"] / "synthetic"
+        index = paths["indexes"] / Path(cfg.collection).name
         manifest = index / "manifest.json"
         if not manifest.is_file() or json.loads(manifest.read_text()).get("count", 0) == 0 or \
                 manifest.stat().st_mtime < (paths["checkpoint"] / "weights.safetensors").stat().st_mtime:

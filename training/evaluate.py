@@ -2,7 +2,9 @@
 
 Images are embedded through the same contract graph the export produces (uint8 tiles
 from the client preprocessing, normalisation and L2 norm inside), then ranked by exact
-inner product, excluding the query's own group, and scored with histoseek.metrics.
+inner product, excluding the query's own group, and scored with histoseek.metrics. The
+spread of the database's pairwise similarities is reported beside the metrics: a
+collapsed model (every tile alike) shows there before anyone searches with it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from export.onnx_export import ContractModel
+from histoseek import collapse
 from histoseek.dataset import Dataset, read_split
 from histoseek.imaging import load_model_input
 from histoseek.metrics import embedding_retrieval_metrics
@@ -50,6 +53,14 @@ def embed_dataset(model: ContractModel, dataset: Dataset, size: int, batch_size:
 def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | None, ks: list[int],
                         database_split: str | None = None, queries_split: str | None = None) -> dict:
     backbone, spec = checkpoint.load_backbone(checkpoint_dir)
+    return evaluate_backbone(backbone, spec, database, queries, ks, database_split, queries_split) | {
+        "checkpoint": str(checkpoint_dir)}
+
+
+def evaluate_backbone(backbone: torch.nn.Module, spec, database: Path, queries: Path | None, ks: list[int],
+                      database_split: str | None = None, queries_split: str | None = None) -> dict:
+    """Metrics and similarity spread of a backbone with its spec (a checkpoint's, or a frozen
+    pretrained network's)."""
     model = ContractModel(backbone, spec).eval()
     db = read_split(database, database_split)
     db_emb = embed_dataset(model, db, spec.input_size)
@@ -59,6 +70,8 @@ def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | No
         q = read_split(queries or database, queries_split)
         q_emb = embed_dataset(model, q, spec.input_size)
     metrics = embedding_retrieval_metrics(q, q_emb, db, db_emb, ks)
-    return {"encoder": spec.name, "preset": spec.preset, "checkpoint": str(checkpoint_dir),
-            "database": str(database), "queries": str(queries) if queries else "leave-one-out",
-            "metrics": metrics}
+    # A fixed, seeded sample keeps the spread's cost flat on large databases.
+    sample = np.random.default_rng(0).permutation(len(db_emb))[:1000]
+    return {"encoder": spec.name, "preset": spec.preset, "database": str(database),
+            "queries": str(queries) if queries else "leave-one-out", "metrics": metrics,
+            "similarity_spread": collapse.similarity_spread(db_emb[sample])}

@@ -87,8 +87,10 @@ def load_state_into(backbone: nn.Module, state: dict[str, torch.Tensor], path: P
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(target[key].shape)}")
             continue
         usable[key] = value
+    # A BatchNorm step counter is bookkeeping, not a weight: files converted from other
+    # frameworks (the ImageNet EfficientNet wheels) leave it out.
     missing = [k for k in target if k not in usable and not k.startswith(_HEAD_PREFIXES)
-               and not (optional and optional(k))]
+               and not k.endswith("num_batches_tracked") and not (optional and optional(k))]
     unexpected = [k for k in state if k not in target and not k.startswith(_HEAD_PREFIXES)]
     if mismatched or missing:
         lines = mismatched + [f"{k}: missing from the file" for k in missing[:20]]

@@ -5,6 +5,9 @@ heads, loss, momentum updates). Augmentations are seeded per (seed, epoch, sampl
 run is reproducible and a resumed run continues exactly where it stopped. With
 `--max-minutes` the schedules (learning rate, momentum, temperatures) follow the clock,
 so a time budget still gets a whole schedule; such a run is not bit-reproducible.
+Training starts from the preset's pretrained weights unless `--init` says otherwise
+(training/pretrained.py), fine-tunes them as the preset says (training/finetune.py), and
+watches a fixed probe set of real tiles for collapse after every epoch.
 """
 from __future__ import annotations
 
@@ -21,10 +24,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 from tqdm import tqdm
 
+from export.onnx_export import ContractModel
+from export.verify import sample_images
+from histoseek import collapse
 from histoseek.dataset import Dataset, read_split
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image
-from training import checkpoint
+from training import checkpoint, finetune, pretrained
 from training.encoders.registry import get_encoder
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,7 @@ class TrainConfig:
     epochs: int | None = None  # default: the preset's
     max_minutes: float | None = None
     batch_size: int | None = None  # default: the preset's
-    init: str | None = None
+    init: str | None = None  # default: the preset's start ("imagenet" for the cpu presets); "none": random
     split: str | None = None  # train on one split of a prepared dataset
     seed: int = 0
     workers: int = 2
@@ -113,6 +119,25 @@ def _require_labels(name: str, data: str, dataset: Dataset) -> None:
                              f"({', '.join(dataset.labels) or 'none'})")
 
 
+def _origin_text(origin: dict) -> str:
+    if origin["source"] == "imagenet":
+        return f"ImageNet weights of {origin['architecture']} ({origin['package']} {origin['package_version']})"
+    if origin["source"] == "file":
+        return f"the weights file {origin['file']}"
+    if origin["source"] == "timm":
+        return f"timm's pretrained {origin['model']}"
+    return "random weights"
+
+
+@torch.no_grad()
+def _probe_spread(method: torch.nn.Module, spec, probe: torch.Tensor, preset) -> dict:
+    """Similarity spread of the probe tiles through the exported graph (collapse check)."""
+    model = ContractModel(method.backbone, spec).eval()
+    spread = collapse.similarity_spread(model(probe).numpy())
+    finetune.train_mode(method, preset)
+    return spread
+
+
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train and write the checkpoint folder; `on_step(step)` is a hook called after each step."""
     encoder = get_encoder(cfg.encoder)
@@ -130,11 +155,12 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
 
     torch.manual_seed(cfg.seed)
     backbone = encoder.build_backbone(preset)
-    if cfg.init:
-        encoder.load_init(backbone, Path(cfg.init))
+    origin = pretrained.initialise(encoder, backbone, cfg.init or preset.init)
+    log.info("%s/%s starts from %s", cfg.encoder, cfg.preset, _origin_text(origin))
+    finetune.freeze_early_stages(encoder.trunk(backbone), preset.frozen_stages)
     method = encoder.build_method(backbone, preset, tuple(dataset.labels))
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=preset.lr, weight_decay=preset.weight_decay)
+    optimizer = torch.optim.AdamW(finetune.parameter_groups(method, encoder.trunk(backbone), preset),
+                                  weight_decay=preset.weight_decay)
 
     state = None if cfg.fresh else checkpoint.load_resume_state(out)
     step, elapsed = 0, 0.0
@@ -148,7 +174,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
         step, elapsed = state["step"], state["elapsed"]
         log.info("resuming %s at step %d/%d (%.1f min done)", out, step, total_steps, elapsed / 60)
 
-    spec = encoder.spec(cfg.preset, labels=tuple(dataset.labels) if encoder.needs_labels else (), options=options)
+    spec = encoder.spec(cfg.preset, labels=tuple(dataset.labels) if encoder.needs_labels else (), options=options,
+                        weights_origin=origin)
+    probe = torch.from_numpy(sample_images(dataset, spec.input_size, count=64))
+    spreads: list[dict] = []
     views_dataset = ViewDataset(dataset, encoder.train_transform(preset), cfg.seed)
     wd_end = preset.options.get("weight_decay_end", preset.weight_decay)
     warmup = preset.warmup_epochs / epochs
@@ -165,7 +194,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
             "step": step, "elapsed": time.monotonic() - started,
         })
 
-    method.train()
+    finetune.train_mode(method, preset)
     try:
         while progress() < 1.0:
             epoch, start = divmod(step, steps_per_epoch)
@@ -182,7 +211,7 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
                 tick = time.monotonic()
                 p = progress()
                 for group in optimizer.param_groups:
-                    group["lr"] = preset.lr * _lr_factor(p, warmup)
+                    group["lr"] = group["base_lr"] * _lr_factor(p, warmup)
                     group["weight_decay"] = wd_end + (preset.weight_decay - wd_end) * 0.5 * (1 + math.cos(math.pi * p))
                 loss = method.loss(views, labels)
                 if not torch.isfinite(loss):
@@ -194,15 +223,22 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
                 method.after_step(progress())
                 losses.append(loss.item())
                 rate = len(labels) / max(time.monotonic() - tick, 1e-6)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}", step=f"{step}/{total_steps}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{rate:.1f}", step=f"{step}/{total_steps}",
+                                probe_p5=f"{spreads[-1]['p05']:.2f}{' COLLAPSED' if spreads[-1]['collapsed'] else ''}"
+                                if spreads else "-")
                 if on_step:
                     on_step(step)
                 if progress() >= 1.0:
                     break
             save_state()
+            spreads.append(_probe_spread(method, spec, probe, preset))
             recent = losses[-steps_per_epoch:]
-            log.info("epoch %d: loss %.4f, %d steps, %.1f min", epoch + 1, float(np.mean(recent)) if recent else float("nan"),
-                     step, (time.monotonic() - started) / 60)
+            log.info("epoch %d: loss %.4f, %d steps, %.1f min; probe %s", epoch + 1,
+                     float(np.mean(recent)) if recent else float("nan"), step, (time.monotonic() - started) / 60,
+                     collapse.describe(spreads[-1]))
+            if spreads[-1]["collapsed"]:
+                log.warning("the model has collapsed (all probe tiles embed alike); `histoseek export` will refuse "
+                            "it: retrain with a lower learning rate, from --init imagenet, or another encoder")
     except KeyboardInterrupt:
         save_state()
         log.warning("interrupted at step %d: state saved, rerun the same command to resume", step)
@@ -212,7 +248,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     config = {
         "train": asdict(cfg), "preset": asdict(preset), "steps": step, "epochs_planned": epochs,
         "minutes": round(minutes, 2), "final_loss": float(np.mean(losses[-10:])) if losses else None,
-        "images": len(dataset), "data": str(Path(cfg.data).resolve()),
+        "images": len(dataset), "data": str(Path(cfg.data).resolve()), "weights_origin": origin,
+        "probe_spread": spreads[-1] if spreads else _probe_spread(method, spec, probe, preset),
     }
     checkpoint.save_backbone(out, method.backbone, spec, config)
     log.info("wrote %s (%d steps in %.1f min)", out, step, minutes)

@@ -91,8 +91,14 @@ def two_views(size: int, mean, std, scale=(0.2, 1.0), hed_strength: float = 0.05
     return MultiViewTransform([histology_view(size, scale, mean, std, **colour) for _ in range(2)])
 
 
+def view_size(preset) -> int:
+    """The size of a preset's training views (smaller than the served input when it says so)."""
+    return preset.train_size or preset.input_size
+
+
 def preset_two_views(preset, scale: tuple[float, float] = (0.2, 1.0)) -> MultiViewTransform:
-    """`two_views` at a preset's input size, statistics and colour-augmentation options."""
+    """`two_views` at a preset's view size, statistics and augmentation options (its own
+    `crop_scale`, when it has one, over `scale`)."""
     o = preset.options
-    return two_views(preset.input_size, preset.mean, preset.std, scale=scale, hed_strength=o["hed_strength"],
-                     color_jitter=o["color_jitter"])
+    return two_views(view_size(preset), preset.mean, preset.std, scale=tuple(o.get("crop_scale", scale)),
+                     hed_strength=o["hed_strength"], color_jitter=o["color_jitter"])

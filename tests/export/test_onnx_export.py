@@ -30,32 +30,33 @@ def test_export_follows_the_contract_and_matches_pytorch(name, tmp_path, synth_d
     assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [spec.input_size, spec.input_size, 3]
     assert inp.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     tiles = sample_images(synth_data, spec.input_size, count=5)
-    diff = verify_onnx(backbone, spec, path, tiles)
+    diff, embeddings = verify_onnx(backbone, spec, path, tiles)
     assert diff < 1e-4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
         out = session.run(None, {"images": tiles[:batch]})[0]
         assert out.shape == (batch, spec.embedding_dim) and out.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(embeddings, session.run(None, {"images": tiles})[0], atol=1e-6)
 
 
 def test_fp16_export_keeps_uint8_in_float32_out(tmp_path, images):
     encoder = get_encoder("dino")
-    spec = encoder.spec("cpu")
-    backbone = encoder.build_backbone(encoder.preset("cpu")).eval()
+    spec = encoder.spec("scratch")
+    backbone = encoder.build_backbone(encoder.preset("scratch")).eval()
     path = export_onnx(backbone, spec, tmp_path / "model16.onnx", fp16=True)
     graph = onnx.load(str(path))
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
-    assert verify_onnx(backbone, spec, path, images, fp16=True) < 2e-2
+    assert verify_onnx(backbone, spec, path, images, fp16=True)[0] < 2e-2
 
 
 def test_verification_rejects_a_model_that_disagrees(tmp_path, images):
     encoder = get_encoder("dino")
-    spec = encoder.spec("cpu")
-    backbone = encoder.build_backbone(encoder.preset("cpu")).eval()
+    spec = encoder.spec("scratch")
+    backbone = encoder.build_backbone(encoder.preset("scratch")).eval()
     path = export_onnx(backbone, spec, tmp_path / "model.onnx")
-    other = encoder.build_backbone(encoder.preset("cpu")).eval()  # different random weights
+    other = encoder.build_backbone(encoder.preset("scratch")).eval()  # different random weights
     with pytest.raises(HistoseekError, match="disagrees with PyTorch"):
         verify_onnx(other, spec, path, images)
 
@@ -63,7 +64,7 @@ def test_verification_rejects_a_model_that_disagrees(tmp_path, images):
 def test_export_checkpoint_writes_numbered_versions(tmp_path, synth_data):
     from training.train import TrainConfig, train
 
-    ckpt = train(TrainConfig(encoder="dino", data=str(synth_data), out=str(tmp_path / "ckpt"),
+    ckpt = train(TrainConfig(encoder="dino", data=str(synth_data), out=str(tmp_path / "ckpt"), preset="scratch",
                              epochs=1, batch_size=12, workers=0))
     repo = tmp_path / "repo"
     first = export_checkpoint(ckpt, repo)
@@ -80,7 +81,7 @@ def test_export_of_a_missing_checkpoint_says_what_to_do(tmp_path):
 
 def test_contract_model_normalises_inside_the_graph():
     encoder = get_encoder("dino")
-    spec = encoder.spec("cpu")
+    spec = encoder.spec("scratch")
     seen = {}
 
     class Probe(torch.nn.Module):

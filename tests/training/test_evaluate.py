@@ -19,9 +19,9 @@ from training.evaluate import evaluate_checkpoint
 def random_checkpoint(tmp_path_factory):
     encoder = get_encoder("dino")
     torch.manual_seed(0)
-    backbone = encoder.build_backbone(encoder.preset("cpu")).eval()
+    backbone = encoder.build_backbone(encoder.preset("scratch")).eval()
     out = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save_backbone(out, backbone, encoder.spec("cpu"), {"data": None})
+    checkpoint.save_backbone(out, backbone, encoder.spec("scratch"), {"data": None})
     return out
 
 

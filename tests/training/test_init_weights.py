@@ -9,7 +9,7 @@ from training.encoders.registry import get_encoder
 
 def _backbone(name: str):
     encoder = get_encoder(name)
-    return encoder, encoder.build_backbone(encoder.preset("cpu"))
+    return encoder, encoder.build_backbone(encoder.preset("scratch"))
 
 
 def _same(a: dict, b: dict, keys) -> bool:
@@ -61,7 +61,7 @@ def test_open_clip_checkpoint_loads_both_towers(tmp_path):
     import open_clip
 
     encoder = get_encoder("clip")
-    preset = encoder.preset("cpu")
+    preset = encoder.preset("scratch")
     source = open_clip.CLIP(**preset.options["model"])
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "clip.pt")
     backbone = encoder.build_backbone(preset)

@@ -12,7 +12,7 @@ from training.train import TrainConfig, train
 
 
 def _config(data, out, **kw):
-    base = dict(encoder="dino", data=str(data), out=str(out), preset="cpu", epochs=2, batch_size=8, workers=0, seed=3)
+    base = dict(encoder="dino", data=str(data), out=str(out), preset="scratch", epochs=2, batch_size=8, workers=0, seed=3)
     return TrainConfig(**(base | kw))
 
 
@@ -52,17 +52,17 @@ def test_init_loads_dino_style_checkpoint_and_rejects_mismatches(synth_data, tmp
     from training.encoders.registry import get_encoder
 
     encoder = get_encoder("dino")
-    source = encoder.build_backbone(encoder.preset("cpu"))
+    source = encoder.build_backbone(encoder.preset("scratch"))
     # DINO's training checkpoints nest the backbone under teacher/ with a module.backbone. prefix.
     wrapped = {"teacher": {f"module.backbone.{k}": v for k, v in source.state_dict().items()},
                "epoch": 10}
     torch.save(wrapped, tmp_path / "dino_checkpoint.pth")
-    target = encoder.build_backbone(encoder.preset("cpu"))
+    target = encoder.build_backbone(encoder.preset("scratch"))
     encoder.load_init(target, tmp_path / "dino_checkpoint.pth")
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value)
 
-    # The paper preset's ViT-S weights do not fit the cpu ViT-Tiny: refused, keys listed.
+    # The paper preset's ViT-S weights do not fit the scratch ViT-Tiny: refused, keys listed.
     big = encoder.build_backbone(encoder.preset("paper"))
     torch.save(big.state_dict(), tmp_path / "vit_small.pth")
     with pytest.raises(HistoseekError, match=r"blocks\.0\.attn\.qkv\.weight: file \(1152, 384\)"):

@@ -11,12 +11,16 @@ from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
 from torch import nn
 
-from training.backbones import load_resnet_init, resnet
+from training.backbones import LITE0_FINETUNE, cnn, load_cnn_init
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
 from training.transforms import preset_two_views
 
 PRESETS = {
-    "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
+    # ImageNet EfficientNet-Lite0 fine-tuned, with a 2048-d projector.
+    "cpu": Preset(**LITE0_FINETUNE, options=dict(hidden_dim=2048, out_dim=2048, lambda_param=5e-3,
+                                                 crop_scale=(0.4, 1.0), hed_strength=0.05, color_jitter=0.1)),
+    # ResNet-18 on 64-px tiles from random weights.
+    "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
                   weight_decay=1e-4, warmup_epochs=2,
                   options=dict(hidden_dim=1024, out_dim=1024, lambda_param=5e-3, hed_strength=0.05, color_jitter=0.2)),
     # The paper's ResNet-50 with an 8192-8192-8192 projector and lambda 5e-3.
@@ -42,7 +46,7 @@ class BarlowTwinsMethod(TrainingMethod):
 
 register(Encoder(
     name="barlowtwins", method="Barlow Twins redundancy reduction (Zbontar et al. 2021)", presets=PRESETS,
-    build_backbone=lambda preset: resnet(preset.backbone),
+    build_backbone=lambda preset: cnn(preset.backbone),
     build_method=lambda backbone, preset, labels: BarlowTwinsMethod(backbone, preset),
-    train_transform=preset_two_views, load_init=load_resnet_init,
+    train_transform=preset_two_views, load_init=load_cnn_init,
 ))

@@ -6,7 +6,9 @@ training only, and the exported, searched network is the image tower alone. A ba
 holds many tiles of one class, so the symmetric CLIP loss is taken over the batch's
 distinct prompts: each image's target is its class prompt, each prompt's target is
 spread evenly over the images of its class. With one image per class this is exactly
-open_clip's `ClipLoss` (tested).
+open_clip's `ClipLoss` (tested). The `cpu` preset's image tower is a timm ImageNet
+EfficientNet-Lite0 inside open_clip (its `TimmModel`) with a linear projection; its small
+text tower starts from random weights, as no CLIP text weights install here.
 """
 from __future__ import annotations
 
@@ -21,21 +23,31 @@ from torch import nn
 
 from histoseek.errors import HistoseekError
 from training import init_weights
+from training.backbones import LITE0_FINETUNE
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import histology_view
+from training.transforms import histology_view, view_size
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+_SMALL_TEXT_TOWER = dict(context_length=32, vocab_size=49408, width=128, heads=2, layers=3)
+
 PRESETS = {
-    # A ViT-Tiny-sized image tower on 64-px tiles and a 3-layer text tower.
-    "cpu": Preset(backbone="open_clip-vit-tiny-8", input_size=64, embedding_dim=128, batch_size=64, epochs=30,
+    # ImageNet EfficientNet-Lite0 as the image tower, fine-tuned; a 3-layer text tower.
+    "cpu": Preset(**LITE0_FINETUNE | dict(embedding_dim=128, weight_decay=0.1),
+                  options=dict(model=dict(embed_dim=128,
+                                          vision_cfg=dict(timm_model_name="tf_efficientnet_lite0",
+                                                          timm_model_pretrained=False, timm_pool="avg",
+                                                          timm_proj="linear", image_size=224),
+                                          text_cfg=_SMALL_TEXT_TOWER),
+                               prompt="a histopathology image of {}", hed_strength=0.05, color_jitter=0.1)),
+    # From random weights: a ViT-Tiny-sized image tower on 64-px tiles and a 3-layer text tower.
+    "scratch": Preset(backbone="open_clip-vit-tiny-8", input_size=64, embedding_dim=128, batch_size=64, epochs=30,
                   lr=5e-4, weight_decay=0.1, warmup_epochs=2, mean=CLIP_MEAN, std=CLIP_STD,
                   options=dict(model=dict(embed_dim=128,
                                           vision_cfg=dict(image_size=64, layers=6, width=192, head_width=64,
                                                           patch_size=8),
-                                          text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=2,
-                                                        layers=3)),
+                                          text_cfg=_SMALL_TEXT_TOWER),
                                prompt="a histopathology image of {}", hed_strength=0.05, color_jitter=0.2)),
     # OpenAI's ViT-B/32 architecture (open_clip "ViT-B-32"); fine-tune from its weights with --init.
     "paper": Preset(backbone="open_clip-ViT-B-32", input_size=224, embedding_dim=512, batch_size=128, epochs=10,
@@ -92,7 +104,7 @@ class CLIPMethod(TrainingMethod):
 
 def train_transform(preset: Preset):
     o = preset.options
-    view = histology_view(preset.input_size, (0.5, 1.0), preset.mean, preset.std, hed_strength=o["hed_strength"],
+    view = histology_view(view_size(preset), (0.5, 1.0), preset.mean, preset.std, hed_strength=o["hed_strength"],
                           color_jitter=o["color_jitter"])
     return MultiViewTransform([view])
 
@@ -112,4 +124,5 @@ register(Encoder(
     presets=PRESETS, build_backbone=ImageTower,
     build_method=lambda backbone, preset, labels: CLIPMethod(backbone, preset, labels),
     train_transform=train_transform, load_init=load_init, needs_labels=True,
+    trunk=lambda backbone: getattr(backbone.visual, "trunk", backbone.visual),
 ))

@@ -3,7 +3,9 @@
 A student ViT learns to match a momentum teacher's centred, sharpened output over
 multi-crop views (two global crops seen by both, local crops by the student only).
 Loss, projection head and momentum update come from lightly; the backbone is a timm
-ViT whose `forward` returns the CLS embedding, so it exports without the head.
+network whose `forward` returns the embedding, so it exports without the head: a ViT
+(the paper's preset) or, as the paper also did with a ResNet-50, a CNN (the `cpu` preset
+fine-tunes ImageNet EfficientNet-Lite0; the teacher starts from the same weights).
 """
 from __future__ import annotations
 
@@ -22,14 +24,23 @@ from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from training import init_weights
+from training.backbones import LITE0_FINETUNE, cnn, load_cnn_init
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import multi_crop
+from training.transforms import multi_crop, view_size
 
 PRESETS = {
-    # A ViT-Tiny on 64-px tiles with a convolutional stem (3 stride-2 convs -> 64 tokens):
+    # ImageNet EfficientNet-Lite0 fine-tuned: 2 global 160-px crops and 2 local 96-px ones, a
+    # 4096-way head; the teacher's momentum starts at 0.99 so that its head, fresh like the
+    # student's, follows within a few hundred steps.
+    "cpu": Preset(**LITE0_FINETUNE | dict(weight_decay=0.04),
+                  options=dict(arch="cnn", local_size=96, n_local=2, out_dim=4096, hidden_dim=1024, bottleneck_dim=256,
+                               teacher_temp=0.04, warmup_teacher_temp=0.04, teacher_temp_warmup=0.3, momentum=0.99,
+                               weight_decay_end=0.04, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+                               hed_strength=0.05, color_jitter=0.1)),
+    # From random weights: a ViT-Tiny on 64-px tiles with a convolutional stem (3 stride-2 convs -> 64 tokens):
     # early convolutions make ViTs far more sample-efficient (Xiao et al., NeurIPS 2021),
     # which is what a few minutes on 2 cores need.
-    "cpu": Preset(
+    "scratch": Preset(
         backbone="vit_tiny_patch16_224", input_size=64, embedding_dim=192, batch_size=64, epochs=30,
         lr=1e-3, weight_decay=0.04, warmup_epochs=3,
         # Mean-pooled patch tokens: after minutes of training they hold more texture than CLS.
@@ -52,6 +63,8 @@ PRESETS = {
 
 def build_backbone(preset: Preset) -> nn.Module:
     opts = preset.options
+    if opts.get("arch") == "cnn":
+        return cnn(preset.backbone)
     stem = {}
     if opts["stem"] == "conv":
         # Three stride-2 3x3 convolutions reach the patch size 8 (timm's hybrid-ViT stem).
@@ -110,11 +123,17 @@ class DINOMethod(TrainingMethod):
 
 def train_transform(preset: Preset):
     o = preset.options
-    return multi_crop(preset.input_size, o["local_size"], o["n_local"], preset.mean, preset.std,
-                      hed_strength=o["hed_strength"], color_jitter=o["color_jitter"])
+    return multi_crop(view_size(preset), o["local_size"], o["n_local"], preset.mean, preset.std,
+                      global_scale=tuple(o.get("global_scale", (0.4, 1.0))),
+                      local_scale=tuple(o.get("local_scale", (0.1, 0.4))), hed_strength=o["hed_strength"],
+                      color_jitter=o["color_jitter"])
 
 
 def load_init(backbone: nn.Module, path: Path) -> None:
+    if not hasattr(backbone, "pos_embed"):  # the CNN presets
+        load_cnn_init(backbone, path)
+        return
+
     def resize_pos_embed(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         grid = int((target.shape[1] - 1) ** 0.5)
         return resample_abs_pos_embed(value, new_size=(grid, grid), num_prefix_tokens=1)

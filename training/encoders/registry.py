@@ -38,6 +38,15 @@ class Preset:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    # Fine-tuning a pretrained trunk (training/finetune.py): where it starts (`--init`'s
+    # default: "imagenet", a file, or None for random), its learning rate (None: `lr`, as
+    # the heads), how many early stages stay frozen, whether its BatchNorm statistics stay
+    # frozen, and the size of the training views (None: `input_size`).
+    init: str | None = None
+    trunk_lr: float | None = None
+    frozen_stages: int = 0
+    frozen_batchnorm: bool = False
+    train_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class EncoderSpec:
     output_kind: str = "embedding"  # "embedding": L2-normalised vector
     labels: tuple[str, ...] = ()  # class names seen in training, when the method used them
     options: dict[str, Any] = field(default_factory=dict)
+    weights_origin: dict[str, Any] = field(default_factory=dict)  # where training started (training/pretrained.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +106,10 @@ class Encoder:
     load_init: Callable[[nn.Module, Path], None]  # user's weights into the backbone
     needs_labels: bool = False
     output_kind: str = "embedding"
+    # The part of the backbone that pretrained weights fit (a timm model), e.g. without an
+    # embedding layer or attention added on top: `--init imagenet` loads into it, and it
+    # trains at the preset's `trunk_lr`.
+    trunk: Callable[[nn.Module], nn.Module] = lambda backbone: backbone
 
     def spec(self, preset_name: str, labels: tuple[str, ...] = (), options: dict[str, Any] | None = None,
              **overrides: Any) -> EncoderSpec:

@@ -25,7 +25,7 @@ from lightly.loss import NTXentLoss
 from torch import nn
 
 from histoseek.errors import HistoseekError
-from training.backbones import load_resnet_init, resnet
+from training.backbones import LITE0_FINETUNE, cnn, load_cnn_init
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
 from training.transforms import preset_two_views
 
@@ -33,7 +33,13 @@ CODEWORDS = 256
 BITS = (16, 32, 64)
 
 PRESETS = {
-    "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,
+    # ImageNet EfficientNet-Lite0 fine-tuned; SPQ's descriptor layer and codebooks are new
+    # and learn at the heads' rate.
+    "cpu": Preset(**LITE0_FINETUNE | dict(embedding_dim=128, weight_decay=1e-5),
+                  options=dict(bits=32, tau_q=5.0, tau_cqc=0.5, crop_scale=(0.4, 1.0), hed_strength=0.05,
+                               color_jitter=0.1)),
+    # ResNet-18 on 64-px tiles from random weights.
+    "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,
                   weight_decay=1e-5, warmup_epochs=2,
                   options=dict(bits=32, tau_q=5.0, tau_cqc=0.5, hed_strength=0.05, color_jitter=0.2)),
     # The authors' settings (tau_q 5, tau_cqc 0.5) on a ResNet-50.
@@ -58,7 +64,7 @@ class SPQNet(nn.Module):
 
     def __init__(self, preset: Preset) -> None:
         super().__init__()
-        self.trunk = resnet(preset.backbone)
+        self.trunk = cnn(preset.backbone)
         self.descriptor = nn.Linear(self.trunk.num_features, preset.embedding_dim)
         m = books(preset)
         self.codebooks = nn.Parameter(torch.randn(m, CODEWORDS, preset.embedding_dim // m))
@@ -110,11 +116,12 @@ class SPQMethod(TrainingMethod):
 
 def load_init(backbone: SPQNet, path) -> None:
     # Pretrained files hold the plain ResNet; descriptor layer and codebooks start fresh.
-    load_resnet_init(backbone.trunk, path)
+    load_cnn_init(backbone.trunk, path)
 
 
 register(Encoder(
     name="spq", method="SPQ self-supervised product quantization (Jang & Cho 2021)", presets=PRESETS,
     build_backbone=SPQNet, build_method=lambda backbone, preset, labels: SPQMethod(backbone, preset),
     train_transform=preset_two_views, load_init=load_init, output_kind="pq_descriptor",
+    trunk=lambda backbone: backbone.trunk,
 ))

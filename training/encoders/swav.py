@@ -14,12 +14,20 @@ from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
 from lightly.models.modules.memory_bank import MemoryBankModule
 from torch import nn
 
-from training.backbones import load_resnet_init, resnet
+from training.backbones import LITE0_FINETUNE, cnn, load_cnn_init
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
-from training.transforms import multi_crop
+from training.transforms import multi_crop, view_size
 
 PRESETS = {
-    "cpu": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
+    # ImageNet EfficientNet-Lite0 fine-tuned: 2 global 160-px crops and 2 local 96-px ones;
+    # 128 prototypes for a few thousand tiles of a handful of tissue types.
+    "cpu": Preset(**LITE0_FINETUNE, options=dict(local_size=96, n_local=2, hidden_dim=512, out_dim=128,
+                                                 n_prototypes=128, frozen_prototype_steps=30, queue_size=512,
+                                                 queue_start=0.15, temperature=0.1, sinkhorn_iterations=3,
+                                                 sinkhorn_epsilon=0.05, global_scale=(0.3, 1.0),
+                                                 local_scale=(0.05, 0.3), hed_strength=0.05, color_jitter=0.1)),
+    # ResNet-18 on 64-px tiles from random weights.
+    "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
                   weight_decay=1e-4, warmup_epochs=2,
                   options=dict(local_size=32, n_local=4, hidden_dim=512, out_dim=128, n_prototypes=256,
                                frozen_prototype_steps=30, queue_size=1024, queue_start=0.15, temperature=0.1,
@@ -75,14 +83,15 @@ class SwaVMethod(TrainingMethod):
 
 def train_transform(preset: Preset):
     o = preset.options
-    return multi_crop(preset.input_size, o["local_size"], o["n_local"], preset.mean, preset.std,
-                      global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), hed_strength=o["hed_strength"],
+    return multi_crop(view_size(preset), o["local_size"], o["n_local"], preset.mean, preset.std,
+                      global_scale=tuple(o.get("global_scale", (0.14, 1.0))),
+                      local_scale=tuple(o.get("local_scale", (0.05, 0.14))), hed_strength=o["hed_strength"],
                       color_jitter=o["color_jitter"])
 
 
 register(Encoder(
     name="swav", method="SwAV online clustering with swapped assignments (Caron et al. 2020)", presets=PRESETS,
-    build_backbone=lambda preset: resnet(preset.backbone),
+    build_backbone=lambda preset: cnn(preset.backbone),
     build_method=lambda backbone, preset, labels: SwaVMethod(backbone, preset),
-    train_transform=train_transform, load_init=load_resnet_init,
+    train_transform=train_transform, load_init=load_cnn_init,
 ))
