@@ -32,6 +32,14 @@ def _ks(text: str) -> list[int]:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
+    if args.slides is not None:
+        from training.data.synthetic_slides import synthesize_slides
+
+        paths = synthesize_slides(args.out, args.slides, classes=args.classes, size=args.slide_size,
+                                  mpp=args.slide_mpp, seed=args.seed)
+        print(f"wrote {len(paths)} slides ({args.slide_size}x{args.slide_size} px at {args.slide_mpp} µm/px) "
+              f"and labels.csv to {args.out}")
+        return
     from training.data.synthetic import synthesize
 
     dataset = synthesize(args.out, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed)
@@ -39,6 +47,18 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
+    if args.format == "slides":
+        from training.data.prepare_slides import prepare_slides
+        from training.data.slides import mpp_for
+
+        if args.tile is None:
+            raise HistoseekError("--format slides needs --tile (px of a tile at the target --mpp), e.g. --tile 224")
+        report = prepare_slides(args.src, args.out, tile=args.tile, mpp=mpp_for(args.mpp, args.magnification),
+                                labels_csv=args.labels, slide_mpp=args.slide_mpp, mask_fraction=args.mask_fraction,
+                                min_tissue=args.min_tissue, mosaic_share=args.mosaic_share,
+                                mosaic_minimum=args.mosaic_min, stain_norm=args.stain_norm)
+        print(report.summary())
+        return
     from training.data.prepare import prepare_dataset
 
     report = prepare_dataset(args.format, args.src, args.out, tile=args.tile, stride=args.stride, resize=args.resize,
@@ -51,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
                       epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
-                      init=args.init, split=args.split, seed=args.seed,
+                      init=str(args.init) if args.init else None, split=args.split, seed=args.seed,
                       workers=args.workers, fresh=args.fresh, bits=args.bits)
     try:
         out = train(cfg)
@@ -80,10 +100,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k,
                                      database_split=args.database_split, queries_split=args.queries_split)
     print(format_table(result["metrics"], args.k))
-    if "similarity_spread" in result:
-        from histoseek.collapse import describe
-
-        print(f"database embeddings: {describe(result['similarity_spread'])}")
     if args.json:
         from histoseek import atomic
 
@@ -94,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from export.export_checkpoint import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.repo, fp16=args.fp16, verify_data=args.verify_data,
-                      queue_delay_us=args.queue_delay_us, force=args.force)
+                      queue_delay_us=args.queue_delay_us)
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -211,7 +227,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     run_quickstart(QuickstartConfig(
         workdir=args.workdir, encoder=args.encoder, train_minutes=args.train_minutes,
-        **({"collection": args.collection} if args.collection else {}), triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
+        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
         triton_metrics_port=args.triton_metrics_port, api_port=args.api_port, demo_port=args.demo_port,
     ))
 
@@ -219,15 +235,12 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def cmd_encoders(args: argparse.Namespace) -> None:
     from training.encoders.registry import list_encoders
 
-    from training.pretrained import describe_start
-
     for encoder in list_encoders():
         print(f"{encoder.name}: {encoder.method}")
-        for name, preset in encoder.presets.items():
+        for name in encoder.presets:
             spec = encoder.spec(name)
-            print(f"  {name:7s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
-                  f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'} "
-                  f"start={describe_start(preset)}")
+            print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
+                  f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
 
 
 def cmd_bench_encoders(args: argparse.Namespace) -> None:
@@ -248,6 +261,30 @@ def cmd_bench_search(args: argparse.Namespace) -> None:
         types=args.types.split(","), workdir=args.workdir, results=args.results))
 
 
+def cmd_search_slide(args: argparse.Namespace) -> None:
+    from server.slide_search import search_slide_command
+
+    result = search_slide_command(args.index, slide=args.slide, slide_id=args.slide_id, k=args.k,
+                                  slide_mpp=args.slide_mpp, triton_url=args.triton_url, protocol=args.protocol)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"query {result['query']}: {result['query_tiles']} mosaic tiles; "
+          f"vote {result['vote']['label'] or '-'} ({result['vote']['share']:.0%})")
+    for r in result["results"]:
+        best = r["matches"][0] if r["matches"] else None
+        where = f"best pair: query ({best['query_x']}, {best['query_y']}) ~ ({best['x']}, {best['y']})" if best else ""
+        print(f"{r['rank']:3d}. {r['slide']}  {r['label']}  score {r['score']:.4f}  {where}")
+
+
+def cmd_bench_slides(args: argparse.Namespace) -> None:
+    from benchmarks.bench_slides import bench_slides_command
+
+    print(bench_slides_command(checkpoint=args.checkpoint, slides=args.slides, classes=args.classes,
+                               slide_size=args.slide_size, big_slide=args.big_slide, archives=args.archives,
+                               workdir=args.workdir, results=args.results))
+
+
 def _triton_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triton-url", default="localhost:8001", help="host:port of Triton (gRPC 8001, HTTP 8000)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
@@ -265,9 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, help="write this many whole slides (pyramidal TIFFs, one label each) "
+                                             "instead of tiles; --classes labels them")
+    p.add_argument("--slide-size", type=int, default=2048, help="level-0 side of a synthetic slide in px")
+    p.add_argument("--slide-mpp", type=float, default=0.5, help="µm per level-0 px of a synthetic slide")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare", help="tile and index a real dataset (BACH, BRACS, CRC, folder per class)")
-    p.add_argument("--format", choices=["folder", "bach", "bracs", "crc"], required=True)
+    p.add_argument("--format", choices=["folder", "bach", "bracs", "crc", "slides"], required=True,
+                   help="slides: whole-slide images (OpenSlide) in <src>/<label>/ or anywhere with --labels")
     p.add_argument("--src", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tile", type=int, help="tile size in pixels (default: whole images)")
@@ -275,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="rescale source images before tiling (see README)")
     p.add_argument("--min-tissue", type=float, default=0.0, help="drop tiles with less tissue than this fraction")
     p.add_argument("--stain-norm", type=Path, help="reference image for Macenko stain normalisation")
+    slides = p.add_argument_group("whole slides (--format slides)")
+    slides.add_argument("--mpp", type=float, help="µm per px of the tiles, e.g. 0.5 (~20x)")
+    slides.add_argument("--magnification", type=float, help="instead of --mpp: objective, e.g. 20 (= 0.5 µm/px)")
+    slides.add_argument("--slide-mpp", type=float, help="µm per level-0 px, for slides that do not record it")
+    slides.add_argument("--labels", type=Path, help="CSV with columns slide,label (default: the slide's folder)")
+    slides.add_argument("--mask-fraction", type=float, default=0.5,
+                        help="share of a tile the tissue mask must cover (default: %(default)s)")
+    slides.add_argument("--mosaic-share", type=float, default=0.05,
+                        help="share of each colour cluster's tiles in the mosaic (default: %(default)s)")
+    slides.add_argument("--mosaic-min", type=int, default=16, help="fewest mosaic tiles per slide (default: %(default)s)")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("train", help="train an encoder; writes a checkpoint folder")
@@ -285,10 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="time budget; the schedules follow the clock")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--init", help="where training starts: 'imagenet' (the ImageNet weights that install with "
-                                  "HistoSeek; the cpu presets' default), a weights file (DINO, timm, torchvision, "
-                                  "open_clip, lightly, …), 'timm:NAME' (timm's pretrained weights; needs the "
-                                  "network) or 'none' (random weights; the scratch presets' default)")
+    p.add_argument("--init", type=Path, help="start from a weights file (DINO, timm, torchvision, …)")
     p.add_argument("--split", help="train on this split of a prepared dataset only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
@@ -316,8 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long Triton's dynamic batcher may hold a request for others to join (0: no wait; "
                         "requests arriving while the model is busy are batched anyway)")
     p.add_argument("--verify-data", type=Path, help="images to verify on (default: the training data)")
-    p.add_argument("--force", action="store_true",
-                   help="export a collapsed model (all tiles embed alike) all the same, e.g. to time it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("triton", help="start, stop or inspect the local Triton server")
@@ -370,6 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, required=True)
     p.set_defaults(func=cmd_index)
 
+    search = sub.add_parser("search", help="search an index from the command line").add_subparsers(
+        dest="action", required=True)
+    p = search.add_parser("slide", help="rank an index's slides against a query slide (Yottixel mosaic)")
+    p.add_argument("--index", type=Path, required=True)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--slide", type=Path, help="a slide file (its mosaic is the query)")
+    query.add_argument("--slide-id", help="a slide of the index (never among its own results)")
+    p.add_argument("-k", "--k", type=int, default=5, help="slides returned (default: %(default)s)")
+    p.add_argument("--slide-mpp", type=float, help="µm per level-0 px, for a slide that does not record it")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    _triton_arguments(p)
+    p.set_defaults(func=cmd_search_slide)
+
     p = sub.add_parser("serve", help="the search API (FastAPI) over every index folder in --indexes")
     p.add_argument("--indexes", type=Path, required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -407,10 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
-    p.add_argument("--encoder", default="simclr")
-    p.add_argument("--train-minutes", type=float, default=2.0)
-    p.add_argument("--collection", type=Path, help="the tiles to index, a folder per class (default: the real "
-                                                   "colorectal H&E tiles in demo/collection/kather2016)")
+    p.add_argument("--encoder", default="dino")
+    p.add_argument("--train-minutes", type=float, default=3.0)
     p.add_argument("--triton-http-port", type=int, default=8000)
     p.add_argument("--triton-grpc-port", type=int, default=8001)
     p.add_argument("--triton-metrics-port", type=int, default=8002)
@@ -444,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "which time the same as trained ones)")
         q.add_argument("--workdir", type=Path, default=Path("work/bench"), help="models, data, Triton logs; reused")
         q.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+
+    p = bench.add_parser("slides", help="slide search: majority vote, ingest of a large slide, search time vs archive")
+    p.add_argument("--checkpoint", type=Path, help="a trained checkpoint to embed with (default: train simclr "
+                                                   "for one epoch from ImageNet on synthetic tiles)")
+    p.add_argument("--slides", type=int, default=40, help="synthetic slides to retrieve among")
+    p.add_argument("--classes", type=int, default=4, help="slide labels")
+    p.add_argument("--slide-size", type=int, default=2048, help="level-0 side of each slide")
+    p.add_argument("--big-slide", type=int, default=40_000, help="side of the slide whose ingest is measured (0: skip)")
+    p.add_argument("--archives", type=_int_list, default=[100, 1_000, 10_000], help="archive sizes in slides")
+    p.add_argument("--workdir", type=Path, default=Path("work/bench_slides"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.set_defaults(func=cmd_bench_slides)
 
     p = sub.add_parser("encoders", help="list the registered encoders and their specs")
     p.set_defaults(func=cmd_encoders)

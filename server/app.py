@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -43,6 +45,8 @@ from server.image_cost import decode_bytes
 from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
 from server.settings import Settings
+from server.slide_search import NoSuchSlide, SlideSearch, outcome_json
+from server.slides import SlideUnavailable
 from server.store import Item
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,10 @@ class Result(BaseModel):
     group: str
     source: str
     image_url: str  # the item's stored thumbnail
+    # Tiles of whole slides: which slide, and where (level-0 px of its top-left corner).
+    slide: str | None = None
+    x: int | None = None
+    y: int | None = None
 
 
 class Vote(BaseModel):
@@ -100,12 +108,16 @@ def _status_of(exc: HistoseekError) -> int:
         return 400
     if isinstance(exc, (ImageTooLarge, OverBudget)):
         return 413
-    if isinstance(exc, NoSuchId):
+    if isinstance(exc, (NoSuchId, NoSuchSlide)):
         return 404
     if isinstance(exc, InvalidField):
         return 422
-    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped)):
+    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped, SlideUnavailable)):
         return 503
+    from training.data.slides import SlideError
+
+    if isinstance(exc, SlideError):  # an uploaded slide OpenSlide cannot read
+        return 400
     return 500
 
 
@@ -213,7 +225,8 @@ def _image_url(index: str, item_id: int) -> str:
 
 
 def _item_fields(item: Item) -> dict:
-    return {"label": item.label, "group": item.group, "source": item.source or item.path}
+    where = {"slide": item.group, "x": item.x, "y": item.y} if item.mpp > 0 else {}
+    return {"label": item.label, "group": item.group, "source": item.source or item.path, **where}
 
 
 def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> FastAPI:
@@ -234,7 +247,9 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     _install_error_handlers(app)
     upload = [Depends(_multipart)]
 
-    @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)", dependencies=upload)
+    # Results of plain images leave out the slide fields (null) and keep their old shape.
+    @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)", dependencies=upload,
+              response_model_exclude_none=True)
     async def search(request: Request, image: UploadFile = File(...), index: str | None = Form(None),
                      k: int | None = Form(None), svc: Service = Depends(_service)) -> SearchResponse:
         k = svc.settings.default_k if k is None else k
@@ -293,6 +308,8 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
             raise ApiError(404, f"index {index!r} has no item {item_id}")
         return {"index": index, "id": int(item_id), "deleted": True}
 
+    _slide_routes(app, service, upload)
+
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict:
         return {"status": "ok"}  # on the event loop: no pool, however busy, delays it
@@ -311,6 +328,86 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
         return JSONResponse({"ready": True, "indexes": sorted(service.cores)})
 
     return app
+
+
+def _slide_routes(app: FastAPI, service: Service, upload: list) -> None:
+    """Slide search, the slides of an index, and pictures of them (server/slides.py)."""
+    from server import slides as views
+
+    @app.post("/v1/search/slides", summary="Rank an index's slides against a query slide (Yottixel mosaic)",
+              dependencies=upload)
+    async def search_slides(request: Request, slide_id: str | None = Form(None), slide: UploadFile | None = File(None),
+                            index: str | None = Form(None), k: int | None = Form(None),
+                            svc: Service = Depends(_service)) -> dict:
+        k = 5 if k is None else k
+        if not 1 <= k <= svc.settings.max_k:
+            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        if (slide_id is None) == (slide is None):
+            raise ApiError(422, "give either the form field `slide_id` (a slide of the index) or a slide file "
+                                "in the field `slide`")
+        core = svc.core(index)
+        searcher = SlideSearch(core)
+        # A query reads at most its mosaic (MAX_QUERY_TILES tiles) and one low level of at most
+        # max_pixels: that is the memory reserved from the decode budget.
+        cost = svc.settings.max_pixels * 4 + 64_000_000
+        if slide_id is not None:
+            slide_id = text_field("slide_id", slide_id, "the form field `slide_id`")
+            outcome = await svc.admission.run(
+                cost, lambda job: searcher.query_by_id(slide_id, k, job.check), request.is_disconnected)
+        else:
+            outcome = await svc.admission.run(cost, lambda job: _search_uploaded(searcher, slide, svc, k, job),
+                                              request.is_disconnected)
+        return outcome_json(outcome, core.folder.name)
+
+    @app.get("/v1/slides/{index}", summary="The slides an index holds tiles of")
+    def slide_list(index: str, svc: Service = Depends(_service)) -> list[dict]:
+        return [{"slide": r.slide, "label": r.label, "width": r.width, "height": r.height, "mpp": r.slide_mpp,
+                 "thumbnail_url": f"/v1/slides/{quote(index, safe='')}/{quote(r.slide, safe='')}/thumbnail"}
+                for r in svc.core(index).folder.store.slides()]
+
+    def record(svc: Service, index: str, slide: str):
+        found = svc.core(index).folder.store.slide(slide)
+        if found is None:
+            raise ApiError(404, f"index {index!r} holds no slide {slide[:120]!r}")
+        return found
+
+    @app.get("/v1/slides/{index}/{slide}/thumbnail", response_class=Response,
+             summary="A slide's thumbnail (JPEG; headers give level-0 size and px per thumbnail px)")
+    def slide_thumbnail(index: str, slide: str, size: int | None = Query(None), svc: Service = Depends(_service)):
+        data, headers = views.thumbnail(record(svc, index, slide), size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600", **headers})
+
+    @app.get("/v1/slides/{index}/{slide}/region", response_class=Response,
+             summary="A square region of a slide (JPEG) at a pyramid level, top-left in level-0 px")
+    def slide_region(index: str, slide: str, x: int = Query(...), y: int = Query(...), level: int = Query(0),
+                     size: int | None = Query(None), svc: Service = Depends(_service)):
+        data = views.region(record(svc, index, slide), x, y, level, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+
+def _search_uploaded(searcher: SlideSearch, upload: UploadFile, svc: Service, k: int, job: Job):
+    """An uploaded slide goes to a private temporary file (OpenSlide reads files), searched, deleted."""
+    name, limit = upload_name(upload.filename), svc.settings.max_upload_bytes
+    upload.file.seek(0)
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLarge(f"{name} is larger than {megabytes(limit)}; search with a slide of the index "
+                            "(slide_id) or raise --max-upload-mb")
+    if not data:
+        raise BadImage(f"{name} is empty: send a slide file (tiled TIFF, SVS, …)")
+    from training.data.slides import SLIDE_SUFFIXES
+
+    # OpenSlide tells formats by content, some (NDPI) by the suffix too: keep a known one.
+    suffix = Path(name).suffix.lower()
+    handle, path = tempfile.mkstemp(prefix="histoseek-slide-", suffix=suffix if suffix in SLIDE_SUFFIXES else ".tiff")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        del data
+        return searcher.query_by_file(Path(path), k, name=name, max_overview_pixels=svc.settings.max_pixels,
+                                      check=job.check)
+    finally:
+        os.unlink(path)
 
 
 def _item_id(index: str, text: str) -> int:

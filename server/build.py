@@ -23,14 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from histoseek import atomic
-from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_dataset
+from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_dataset, read_slides_table
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image, resize_and_crop
 from server.embedder import Embedder
 from server.fields import text_field
 from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
 from server.index_types import check_index_type, new_faiss_index
-from server.store import Item, Store, thumbnail_jpeg
+from server.store import Item, SlideRecord, Store, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
 _STATE = "state.json"
@@ -164,7 +164,9 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
     items = [_item(i, str(path), entry) for i, (path, entry) in enumerate(zip(paths, dataset.items))]
 
     with atomic.staged_directory(out) as folder:
-        Store.create(folder / STORE_FILE).insert(items, thumbnails)
+        store = Store.create(folder / STORE_FILE)
+        store.insert(items, thumbnails)
+        store.add_slides(_slide_records(Path(data)))
         faiss.write_index(faiss_index, str(folder / FAISS_FILE))
         atomic.write_json(folder / MANIFEST_FILE, {
             "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
@@ -178,7 +180,19 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
 
 
 def _item(item_id: int, path: str, entry: DatasetItem) -> Item:
-    return Item(item_id, path, entry.label, entry.group, entry.split, entry.x, entry.y, entry.source)
+    return Item(item_id, path, entry.label, entry.group, entry.split, entry.x, entry.y, entry.source,
+                entry.mpp, entry.mosaic)
+
+
+def _slide_records(data: Path) -> list[SlideRecord]:
+    """The slides a dataset's tiles were cut from (its slides.csv), kept in the index so that
+    the API can show them: the only slide files it will ever open."""
+    try:
+        return [SlideRecord(row["slide"], row["label"], row["file"], int(row["width"]), int(row["height"]),
+                            float(row["slide_mpp"]), int(row["tile"]), float(row["mpp"]))
+                for row in read_slides_table(data)]
+    except (KeyError, ValueError) as exc:
+        raise HistoseekError(f"{data}/slides.csv is damaged ({exc}); prepare the slides again") from exc
 
 
 def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | None, group: str | None,
@@ -210,5 +224,8 @@ def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | No
             embeddings.append(part)
             thumbnails.extend(thumbs)
     items = [_item(-1, str(path), entry) for path, entry in entries]
-    return folder.add(np.concatenate(embeddings), items, thumbnails)
+    ids = folder.add(np.concatenate(embeddings), items, thumbnails)
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        folder.store.add_slides(_slide_records(Path(source)))
+    return ids
 

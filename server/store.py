@@ -41,12 +41,27 @@ CREATE TABLE items (
     x INTEGER NOT NULL DEFAULT 0,
     y INTEGER NOT NULL DEFAULT 0,
     source TEXT NOT NULL DEFAULT '',
-    thumbnail BLOB NOT NULL
+    thumbnail BLOB NOT NULL,
+    mpp REAL NOT NULL DEFAULT 0,
+    mosaic INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX items_group ON items("group");
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_COLUMNS = 'id, path, label, "group", split, x, y, source'
+_SLIDES_TABLE = """CREATE TABLE slides (
+    slide TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    file TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    slide_mpp REAL NOT NULL,
+    tile INTEGER NOT NULL,
+    mpp REAL NOT NULL
+)"""
+_BASE_COLUMNS = 'id, path, label, "group", split, x, y, source'
+# Indexes built before whole slides lack these columns (and the slides table): their items
+# read as mpp 0, mosaic 0, and they hold no slides.
+_SLIDE_COLUMNS = ", mpp, mosaic"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,21 @@ class Item:
     x: int = 0
     y: int = 0
     source: str = ""
+    mpp: float = 0.0  # tiles of whole slides: µm/px they were cut at (x, y: level-0 px of slide `group`)
+    mosaic: int = 0  # 1: one of its slide's mosaic tiles
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """A slide an index holds tiles of: the only slides the API ever opens."""
+    slide: str
+    label: str
+    file: str  # absolute path of the slide file when the index was built
+    width: int  # level-0 px
+    height: int
+    slide_mpp: float  # µm per level-0 px
+    tile: int  # px of its indexed tiles
+    mpp: float  # µm/px of its indexed tiles
 
 
 def thumbnail_jpeg(image: Image.Image, size: int = THUMBNAIL_PX) -> bytes:
@@ -74,11 +104,12 @@ class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
+        self._columns, self._has_slides = _BASE_COLUMNS + _SLIDE_COLUMNS, True  # set per file on connecting
 
     @classmethod
     def create(cls, path: Path) -> "Store":
         with closing(sqlite3.connect(path)) as conn, conn:
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + _SLIDES_TABLE + ";")
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [("build_id", uuid.uuid4().hex), ("generation", "0"), ("next_id", "0")],
@@ -97,6 +128,10 @@ class Store:
             # check_same_thread=False only so that the closer below may run wherever the
             # thread's locals are torn down; the connection is still used by its thread alone.
             conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30, check_same_thread=False)
+            names = {row[1] for row in conn.execute("PRAGMA table_info(items)")}
+            self._columns = _BASE_COLUMNS + (_SLIDE_COLUMNS if "mosaic" in names else "")
+            self._has_slides = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'slides'").fetchone() is not None
             cached = (inode, conn, _Closer(conn))
             self._local.connection = cached
         return cached[1]
@@ -124,9 +159,16 @@ class Store:
         return max(stored, -1 if highest is None else highest + 1)
 
     def insert(self, items: list[Item], thumbnails: list[bytes]) -> None:
-        rows = [(i.id, i.path, i.label, i.group, i.split, i.x, i.y, i.source, t) for i, t in zip(items, thumbnails)]
         with self._transaction() as conn:
-            conn.executemany(f"INSERT INTO items ({_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            if self._columns == _BASE_COLUMNS:  # an index built before whole slides
+                rows = [(i.id, i.path, i.label, i.group, i.split, i.x, i.y, i.source, t)
+                        for i, t in zip(items, thumbnails)]
+                conn.executemany(f"INSERT INTO items ({_BASE_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            else:
+                rows = [(i.id, i.path, i.label, i.group, i.split, i.x, i.y, i.source, i.mpp, i.mosaic, t)
+                        for i, t in zip(items, thumbnails)]
+                conn.executemany(f"INSERT INTO items ({self._columns}, thumbnail) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                                 rows)
             if items:
                 _raise_next_id(conn, max(i.id for i in items) + 1)
 
@@ -148,9 +190,40 @@ class Store:
         # SQLite allows 32766 parameters per statement; stay well below.
         for start in range(0, len(ids), 5000):
             chunk = ids[start:start + 5000]
-            query = f"SELECT {_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            query = f"SELECT {self._columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
             found.update((row[0], Item(*row)) for row in conn.execute(query, chunk))
         return found
+
+    def slide_items(self, slide: str, mosaic_only: bool = False) -> list[Item]:
+        """The items of one slide (its group), or only its mosaic tiles, in id order."""
+        conn = self._connection()
+        where = ' AND mosaic = 1' if mosaic_only and self._columns != _BASE_COLUMNS else ''
+        rows = conn.execute(f'SELECT {self._columns} FROM items WHERE "group" = ?{where} ORDER BY id', (slide,))
+        return [Item(*row) for row in rows]
+
+    def add_slides(self, slides: list[SlideRecord]) -> None:
+        if not slides:
+            return
+        with self._transaction() as conn:
+            if not self._has_slides:  # an index built before whole slides gets the table now
+                conn.execute(_SLIDES_TABLE)
+                self._has_slides = True
+            conn.executemany("INSERT OR REPLACE INTO slides VALUES (?,?,?,?,?,?,?,?)",
+                             [(s.slide, s.label, s.file, s.width, s.height, s.slide_mpp, s.tile, s.mpp) for s in slides])
+
+    def slides(self) -> list[SlideRecord]:
+        conn = self._connection()
+        if not self._has_slides:
+            return []
+        return [SlideRecord(*row) for row in conn.execute("SELECT * FROM slides ORDER BY slide")]
+
+    def slide(self, slide: str) -> SlideRecord | None:
+        """The slide named `slide` (looked up as a value, never used as a path), or None."""
+        conn = self._connection()
+        if not self._has_slides:
+            return None
+        row = conn.execute("SELECT * FROM slides WHERE slide = ?", (slide,)).fetchone()
+        return None if row is None else SlideRecord(*row)
 
     def thumbnail(self, item_id: int) -> bytes | None:
         row = self._connection().execute("SELECT thumbnail FROM items WHERE id = ?", (int(item_id),)).fetchone()
