@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
                       epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
-                      init=str(args.init) if args.init else None, split=args.split, seed=args.seed,
+                      init=args.init, split=args.split, seed=args.seed,
                       workers=args.workers, fresh=args.fresh, bits=args.bits)
     try:
         out = train(cfg)
@@ -100,6 +100,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, args.k,
                                      database_split=args.database_split, queries_split=args.queries_split)
     print(format_table(result["metrics"], args.k))
+    if "similarity_spread" in result:
+        from histoseek.collapse import describe
+
+        print(f"database embeddings: {describe(result['similarity_spread'])}")
     if args.json:
         from histoseek import atomic
 
@@ -110,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from export.export_checkpoint import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.repo, fp16=args.fp16, verify_data=args.verify_data,
-                      queue_delay_us=args.queue_delay_us)
+                      queue_delay_us=args.queue_delay_us, force=args.force)
 
 
 def cmd_triton(args: argparse.Namespace) -> None:
@@ -227,7 +231,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     run_quickstart(QuickstartConfig(
         workdir=args.workdir, encoder=args.encoder, train_minutes=args.train_minutes,
-        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
+        **({"collection": args.collection} if args.collection else {}), triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
         triton_metrics_port=args.triton_metrics_port, api_port=args.api_port, demo_port=args.demo_port,
     ))
 
@@ -235,12 +239,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def cmd_encoders(args: argparse.Namespace) -> None:
     from training.encoders.registry import list_encoders
 
+    from training.pretrained import describe_start
+
     for encoder in list_encoders():
         print(f"{encoder.name}: {encoder.method}")
-        for name in encoder.presets:
+        for name, preset in encoder.presets.items():
             spec = encoder.spec(name)
-            print(f"  {name:6s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
-                  f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'}")
+            print(f"  {name:7s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
+                  f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'} "
+                  f"start={describe_start(preset)}")
 
 
 def cmd_bench_encoders(args: argparse.Namespace) -> None:
@@ -337,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="time budget; the schedules follow the clock")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--init", type=Path, help="start from a weights file (DINO, timm, torchvision, …)")
+    p.add_argument("--init", help="where training starts: 'imagenet' (the ImageNet weights that install with "
+                                  "HistoSeek; the cpu presets' default), a weights file (DINO, timm, torchvision, "
+                                  "open_clip, lightly, …), 'timm:NAME' (timm's pretrained weights; needs the "
+                                  "network) or 'none' (random weights; the scratch presets' default)")
     p.add_argument("--split", help="train on this split of a prepared dataset only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
@@ -365,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long Triton's dynamic batcher may hold a request for others to join (0: no wait; "
                         "requests arriving while the model is busy are batched anyway)")
     p.add_argument("--verify-data", type=Path, help="images to verify on (default: the training data)")
+    p.add_argument("--force", action="store_true",
+                   help="export a collapsed model (all tiles embed alike) all the same, e.g. to time it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("triton", help="start, stop or inspect the local Triton server")
@@ -467,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
-    p.add_argument("--encoder", default="dino")
-    p.add_argument("--train-minutes", type=float, default=3.0)
+    p.add_argument("--encoder", default="simclr")
+    p.add_argument("--train-minutes", type=float, default=2.0)
+    p.add_argument("--collection", type=Path, help="the tiles to index, a folder per class (default: the real "
+                                                   "colorectal H&E tiles in demo/collection/kather2016)")
     p.add_argument("--triton-http-port", type=int, default=8000)
     p.add_argument("--triton-grpc-port", type=int, default=8001)
     p.add_argument("--triton-metrics-port", type=int, default=8002)
