@@ -171,6 +171,7 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
         atomic.write_json(folder / MANIFEST_FILE, {
             "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
             "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
+            "weights_origin": spec.get("weights_origin", {}),
             "index_type": index_type, "index_params": params, "count": len(items),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(Path(data).resolve()),
         })

