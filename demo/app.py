@@ -1,4 +1,5 @@
-"""The Gradio web demo: upload an H&E patch, see the k most similar indexed patches.
+"""The Gradio web demo: upload an H&E patch, see the k most similar indexed patches; or
+choose a whole slide and see the most similar slides (the Slides tab, demo/slides_tab.py).
 
 It talks to the search API over HTTP only (`demo/client.py`) and fetches the result
 thumbnails server-side, so the browser needs to reach the demo and nothing else.
@@ -13,6 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from demo.client import ApiError, Hit, SearchClient
+from demo.slides_tab import build_slides_tab
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # System fonts only: the default theme loads Google Fonts, which a hospital or offline
@@ -95,24 +97,29 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
     with gr.Blocks(title="HistoSeek", analytics_enabled=False) as blocks:
         gr.Markdown("# HistoSeek\nGive it an H&E patch and it finds the most similar patches of an indexed "
                     "collection, with their labels, so similar cases can be compared side by side.")
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = gr.Image(type="pil", label="Query patch", sources=["upload", "clipboard"], height=260,
-                                 elem_id="query-image")
-                gr.Examples([[str(p)] for p in sorted(EXAMPLES_DIR.glob("*.png"))], inputs=image,
-                            label="Examples (real colorectal H&E tiles from another collection)", elem_id="examples")
-                with gr.Row(equal_height=True):
-                    index = gr.Dropdown(label="Index", choices=[], scale=5, elem_id="index-dropdown")
-                    refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60, elem_id="refresh-indexes")
-                k = gr.Slider(1, 50, value=8, step=1, label="k (number of results)", elem_id="k-slider")
-                button = gr.Button("Search", variant="primary", elem_id="search-button")
-                status = gr.Markdown(elem_id="status")
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Most similar patches", columns=4, height="auto", object_fit="cover",
-                                     interactive=False, elem_id="results-gallery")
-                vote = gr.Markdown(elem_id="vote")
-                timings = gr.Markdown(elem_id="timings")
+        with gr.Tabs():
+            with gr.Tab("Patches", id="patches"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        image = gr.Image(type="pil", label="Query patch", sources=["upload", "clipboard"], height=260,
+                                         elem_id="query-image")
+                        gr.Examples([[str(p)] for p in sorted(EXAMPLES_DIR.glob("*.png"))], inputs=image,
+                                    label="Examples (real colorectal H&E tiles from another collection)", elem_id="examples")
+                        with gr.Row(equal_height=True):
+                            index = gr.Dropdown(label="Index", choices=[], scale=5, elem_id="index-dropdown")
+                            refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60, elem_id="refresh-indexes")
+                        k = gr.Slider(1, 50, value=8, step=1, label="k (number of results)", elem_id="k-slider")
+                        button = gr.Button("Search", variant="primary", elem_id="search-button")
+                        status = gr.Markdown(elem_id="status")
+                    with gr.Column(scale=3):
+                        gallery = gr.Gallery(label="Most similar patches", columns=4, height="auto", object_fit="cover",
+                                             interactive=False, elem_id="results-gallery")
+                        vote = gr.Markdown(elem_id="vote")
+                        timings = gr.Markdown(elem_id="timings")
+            with gr.Tab("Slides", id="slides", elem_id="slides-tab"):
+                load_slides, slide_outputs = build_slides_tab(client)
         blocks.load(refresh_indexes, inputs=index, outputs=[index, status])
+        blocks.load(load_slides, outputs=list(slide_outputs))
         refresh.click(refresh_indexes, inputs=index, outputs=[index, status])
         button.click(search, inputs=[image, index, k], outputs=[gallery, vote, timings, status])
     return blocks

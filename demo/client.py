@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 from PIL import Image
@@ -55,6 +56,30 @@ class SearchClient:
             images = list(pool.map(self._thumbnail, [r.get("image_url") for r in results]))
         return [Hit(int(r["rank"]), str(r["id"]), float(r["score"]), r.get("label"), image)
                 for r, image in zip(results, images)]
+
+    # -- whole slides ---------------------------------------------------------------------
+
+    def slides(self, index: str) -> list[dict]:
+        """`GET /v1/slides/{index}`: the index's slides (slide, label, width, height, tile_size)."""
+        return self._request("GET", f"/v1/slides/{quote(index, safe='')}").json()
+
+    def search_slides(self, index: str, slide_id: str, k: int) -> dict:
+        """`POST /v1/search/slides` with a slide of the index (never among its own results)."""
+        return self._request("POST", "/v1/search/slides", data={"index": index, "slide_id": slide_id,
+                                                                "k": str(k)}).json()
+
+    def slide_thumbnail(self, index: str, slide: str, size: int = 384) -> tuple[Image.Image, float]:
+        """A slide's thumbnail and its scale (level-0 px per thumbnail px)."""
+        response = self._request("GET", f"/v1/slides/{quote(index, safe='')}/{quote(slide, safe='')}/thumbnail",
+                                 params={"size": size})
+        image = Image.open(io.BytesIO(response.content)).convert("RGB")
+        return image, float(response.headers.get("x-thumbnail-scale") or 1.0)
+
+    def slide_region(self, index: str, slide: str, x: int, y: int, size: int, level: int = 0) -> Image.Image:
+        """A square of a slide, `size` px at `level`, top-left at level-0 (x, y)."""
+        response = self._request("GET", f"/v1/slides/{quote(index, safe='')}/{quote(slide, safe='')}/region",
+                                 params={"x": x, "y": y, "size": size, "level": level})
+        return Image.open(io.BytesIO(response.content)).convert("RGB")
 
     def _thumbnail(self, url: str | None) -> Image.Image | None:
         if not url:

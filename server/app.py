@@ -308,7 +308,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
             raise ApiError(404, f"index {index!r} has no item {item_id}")
         return {"index": index, "id": int(item_id), "deleted": True}
 
-    _slide_routes(app, service, upload)
+    _slide_routes(app, service)
 
     @app.get("/healthz", summary="The process is up")
     async def healthz() -> dict:
@@ -330,12 +330,12 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     return app
 
 
-def _slide_routes(app: FastAPI, service: Service, upload: list) -> None:
+def _slide_routes(app: FastAPI, service: Service) -> None:
     """Slide search, the slides of an index, and pictures of them (server/slides.py)."""
     from server import slides as views
 
-    @app.post("/v1/search/slides", summary="Rank an index's slides against a query slide (Yottixel mosaic)",
-              dependencies=upload)
+    # Form fields as multipart (with an uploaded slide) or urlencoded (a slide id alone).
+    @app.post("/v1/search/slides", summary="Rank an index's slides against a query slide (Yottixel mosaic)")
     async def search_slides(request: Request, slide_id: str | None = Form(None), slide: UploadFile | None = File(None),
                             index: str | None = Form(None), k: int | None = Form(None),
                             svc: Service = Depends(_service)) -> dict:
@@ -361,7 +361,9 @@ def _slide_routes(app: FastAPI, service: Service, upload: list) -> None:
 
     @app.get("/v1/slides/{index}", summary="The slides an index holds tiles of")
     def slide_list(index: str, svc: Service = Depends(_service)) -> list[dict]:
+        # tile_size: level-0 px one indexed tile covers (the box to draw around a match).
         return [{"slide": r.slide, "label": r.label, "width": r.width, "height": r.height, "mpp": r.slide_mpp,
+                 "tile_size": max(1, round(r.tile * r.mpp / r.slide_mpp)),
                  "thumbnail_url": f"/v1/slides/{quote(index, safe='')}/{quote(r.slide, safe='')}/thumbnail"}
                 for r in svc.core(index).folder.store.slides()]
 
