@@ -1,7 +1,7 @@
 """SPQ's own product-quantization codes against PQ fitted after the fact to a float encoder.
 
-    python -m benchmarks.compact_codes --data ../shared/data/crc5-dev --epochs 8 \\
-        --float-checkpoint runs/encoder_quality/dino
+    python -m benchmarks.compact_codes --data ../shared/data/crc5-dev --epochs 4 \\
+        --float-checkpoint runs/encoder_quality/simclr [--bits 16 32 64]
 
 For 16, 32 and 64 bits per item: `spq` trained at that code length (its codebooks loaded
 into a faiss.IndexPQ), and the float encoder's embeddings in a FAISS IndexPQ trained by
@@ -92,7 +92,7 @@ def run(args) -> dict:
                      "recall@10_vs_flat": round(recall_at_10(found, exact), 4), "latency_ms": latencies,
                      "flat_latency_ms": flat_latencies})
 
-    for bits in BITS:
+    for bits in args.bits:
         ckpt = args.workdir / f"spq{bits}"
         if not (ckpt / "weights.safetensors").is_file():
             train(TrainConfig(encoder="spq", data=str(args.data / "train"), out=str(ckpt), epochs=args.epochs,
@@ -105,10 +105,11 @@ def run(args) -> dict:
     float_db, float_q, _ = embed(args.float_checkpoint, train_set, test_set)
     float_flat = exact_flat(float_db, float_q)  # the same vectors at every code length
     name = json.loads((args.float_checkpoint / "encoder.json").read_text())["name"]
-    for bits in BITS:
+    for bits in args.bits:
         index, _ = new_faiss_index("pq", float_db.shape[1], float_db, {"M": bits // 8, "nbits": 8})
-        measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == BITS[0], flat=float_flat)
-    return {"data": str(args.data), "epochs": args.epochs, "rows": rows}
+        measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == args.bits[0],
+                flat=float_flat)
+    return {"data": str(args.data), "epochs": args.epochs, "bits": list(args.bits), "rows": rows}
 
 
 def markdown(report: dict) -> str:
@@ -142,7 +143,7 @@ def plot(report: dict, path: Path) -> None:
             if r["flat_latency_ms"]:
                 right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black",
                            label="flat (exact)")
-        left.set(xlabel="bits per item", ylabel="score", xticks=list(BITS), title="retrieval, test vs train")
+        left.set(xlabel="bits per item", ylabel="score", xticks=report["bits"], title="retrieval, test vs train")
         right.set(xscale="log", yscale="log", xlabel="items in the index", ylabel="ms per query",
                   title="search latency, one query at a time")
         left.legend(fontsize=7)
@@ -153,7 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="a folder with train/ and test/ dataset folders")
     parser.add_argument("--float-checkpoint", type=Path, required=True, help="a trained float encoder (e.g. dino)")
-    parser.add_argument("--epochs", type=int, default=8, help="spq training epochs per code length")
+    parser.add_argument("--epochs", type=int, default=4, help="spq training epochs per code length")
+    parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), choices=BITS,
+                        help="code lengths to compare (an spq checkpoint already in --workdir/spq<bits> is reused)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compact_codes"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,14 @@
 """What a new user's first searches get: the quickstart's model on the demo collection.
 
-    python -m benchmarks.demo_quality [--encoder simclr] [--train-minutes 2]
+    python -m benchmarks.demo_quality [--encoder dml] [--train-minutes 2]
 
 Trains exactly as `histoseek quickstart` does (the encoder's `cpu` preset from its ImageNet
 start, on `demo/collection/kather2016` for the same minutes), then scores leave-one-out
 retrieval over the 240 tiles (mMV@5, P@5, mAP@5; every tile queries the other 239) beside
 the colour histogram and the frozen ImageNet backbone, and the similarities a user sees:
 the spread of pairwise similarities and the first and fifth result's similarity. The
-model is fitted to these very tiles, without their labels for the self-supervised
-encoders; generalisation to unseen tissue is what `benchmarks/encoder_quality.py`
+model is fitted to these very tiles (`dml` with their labels), so this is what the demo
+shows, not how the encoder generalises: that is what `benchmarks/encoder_quality.py`
 measures (test queried against train). Writes `demo_quality.json`, `.md` and `.png`.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from export.onnx_export import ContractModel
 from histoseek.collapse import similarity_spread
 from histoseek.dataset import read_dataset
 from histoseek.metrics import embedding_retrieval_metrics
-from histoseek.quickstart import DEMO_COLLECTION
+from histoseek.quickstart import DEMO_COLLECTION, QUICKSTART_EPOCHS
 from training import checkpoint, pretrained
 from training.backbones import cnn
 from training.encoders.registry import EncoderSpec, get_encoder
@@ -86,7 +86,7 @@ def plot(report: dict, pairwise: dict[str, np.ndarray], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="simclr")
+    parser.add_argument("--encoder", default="dml")
     parser.add_argument("--train-minutes", type=float, default=2.0)
     parser.add_argument("--collection", type=Path, default=DEMO_COLLECTION)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo_quality"))
@@ -95,7 +95,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dataset = read_dataset(args.collection)
     ckpt = args.workdir / args.encoder
-    train(TrainConfig(encoder=args.encoder, data=str(args.collection), out=str(ckpt),
+    train(TrainConfig(encoder=args.encoder, data=str(args.collection), out=str(ckpt), epochs=QUICKSTART_EPOCHS,
                       max_minutes=args.train_minutes, fresh=True))
     model, spec = checkpoint.load_backbone(ckpt)
     config = checkpoint.read_config(ckpt)

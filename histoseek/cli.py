@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the whole system on synthetic data, up until Ctrl-C (make demo)")
     p.add_argument("--workdir", type=Path, default=Path("work/demo"))
-    p.add_argument("--encoder", default="simclr")
+    p.add_argument("--encoder", default="dml")
     p.add_argument("--train-minutes", type=float, default=2.0)
     p.add_argument("--collection", type=Path, help="the tiles to index, a folder per class (default: the real "
                                                    "colorectal H&E tiles in demo/collection/kather2016)")
