@@ -231,7 +231,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     run_quickstart(QuickstartConfig(
         workdir=args.workdir, encoder=args.encoder, train_minutes=args.train_minutes,
-        **({"collection": args.collection} if args.collection else {}), triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
+        **({"collection": args.collection} if args.collection else {}),
+        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
         triton_metrics_port=args.triton_metrics_port, api_port=args.api_port, demo_port=args.demo_port,
     ))
 
