@@ -53,9 +53,8 @@ def thumbnail(record: SlideRecord, size: int | None) -> tuple[bytes, dict]:
         width, height = slide.level_dimensions[level]
         if width * height > MAX_LEVEL_READ_PIXELS:
             raise InvalidField(f"slide {record.slide!r} has no pyramid level small enough for a thumbnail")
-        rgb = slide.read(0, 0, level, (width, height))
+        rgb, _ = slide.level_reduced(level, size)  # in strips: memory of the thumbnail, not the level
     image = Image.fromarray(rgb)
-    image.thumbnail((size, size), Image.Resampling.BOX)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=85)
     # Level-0 px per thumbnail px, so boxes in level-0 coordinates can be drawn on it.

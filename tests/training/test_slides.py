@@ -183,3 +183,18 @@ def test_old_manifests_read_and_plain_manifests_keep_their_columns(tmp_path):
     assert (item.x, item.y, item.mpp, item.mosaic) == (3, 4, 0.0, 0)
     write_manifest(tmp_path, [item])
     assert (tmp_path / "manifest.csv").read_text().splitlines()[0] == "path,label,group,split,x,y,source"
+
+
+def test_cli_synthesises_and_prepares_slides(tmp_path, capsys):
+    from histoseek.cli import main
+
+    main(["data", "synth", "--slides", "2", "--classes", "2", "--slide-size", "1024", "--out", str(tmp_path / "s")])
+    assert "wrote 2 slides" in capsys.readouterr().out
+    main(["data", "prepare", "--format", "slides", "--src", str(tmp_path / "s"), "--out", str(tmp_path / "t"),
+          "--tile", "64", "--magnification", "10", "--mosaic-min", "4"])
+    assert "2 slides read" in capsys.readouterr().out
+    assert {item.mpp for item in read_dataset(tmp_path / "t").items} == {1.0}
+    with pytest.raises(SystemExit):  # --tile is required for slides
+        main(["data", "prepare", "--format", "slides", "--src", str(tmp_path / "s"), "--out", str(tmp_path / "u"),
+              "--mpp", "1"])
+    assert "needs --tile" in capsys.readouterr().err

@@ -44,8 +44,8 @@ def plan_slide(slide: Slide, tile: int, mpp: float, *, mask_fraction: float = MA
     step = reading.footprint
     xs, ys = np.arange(0, width - step + 1, step), np.arange(0, height - step + 1, step)
     # Mask coverage and mean colour of every grid cell, from box sums over the low level.
-    cover = _box_means(mask.astype(np.float32), xs, ys, step, scale)
-    colours = np.stack([_box_means(overview[..., c].astype(np.float32), xs, ys, step, scale) for c in range(3)], -1)
+    cover = _box_means(mask, xs, ys, step, scale)
+    colours = np.stack([_box_means(overview[..., c], xs, ys, step, scale) for c in range(3)], -1)
     keep = cover >= mask_fraction
     rows, cols = np.nonzero(keep)
     positions = np.stack([xs[cols], ys[rows]], axis=1).astype(np.int64)
@@ -55,8 +55,11 @@ def plan_slide(slide: Slide, tile: int, mpp: float, *, mask_fraction: float = MA
 
 def _box_means(values: np.ndarray, xs: np.ndarray, ys: np.ndarray, step: int, scale: float) -> np.ndarray:
     """Mean of `values` (a low-level image) over each level-0 square (x, y, step) -> [len(ys), len(xs)]."""
-    integral = np.pad(values.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    # float64: a float32 running sum over millions of pixels loses whole units.
     h, w = values.shape
+    integral = np.zeros((h + 1, w + 1), np.float64)
+    np.cumsum(values, axis=0, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
 
     def edges(starts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         low = np.clip((starts / scale).astype(np.int64), 0, limit - 1)

@@ -25,6 +25,10 @@ SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".v
                   ".dcm", ".czi"}
 # 10x objective ~ 1 µm/px: the usual rule that turns a magnification into a resolution.
 MICRONS_AT_1X = 10.0
+# A slide's overview (tissue mask, thumbnails) is at most this long, read this many rows at
+# a time: memory does not grow with the slide (a 100,000 px slide's mask is ~20 µm/px).
+OVERVIEW_MAX_SIDE = 2048
+OVERVIEW_STRIP_ROWS = 64
 
 
 class SlideError(HistoseekError):
@@ -134,32 +138,36 @@ class Slide:
                                                          else Image.Resampling.BILINEAR))
         return rgb
 
-    def overview(self, max_side: int) -> tuple[np.ndarray, float]:
-        """The whole slide at the coarsest level no smaller than `max_side` on its long side
-        (or the smallest level), reduced to at most `max_side`: (RGB, level-0 px per pixel)."""
-        level = self.level_count - 1
-        for candidate in range(self.level_count - 1, -1, -1):
-            if max(self.level_dimensions[candidate]) >= max_side:
-                level = candidate
-                break
+    def level_reduced(self, level: int, max_side: int) -> tuple[np.ndarray, float]:
+        """The whole of `level`, reduced to at most `max_side` px on its long side: (RGB,
+        level-0 px per pixel). Read in strips of rows, each reduced at once, so memory
+        stays bounded by the output (plus one strip) whatever the level's size."""
         width, height = self.level_dimensions[level]
-        rgb = self.read(0, 0, level, (width, height))
+        downsample = self.level_downsamples[level]
         scale = min(1.0, max_side / max(width, height))
-        if scale < 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
-        return rgb, self.dimensions[0] / rgb.shape[1]
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        strips = []
+        for top in range(0, out_h, OVERVIEW_STRIP_ROWS):
+            bottom = min(out_h, top + OVERVIEW_STRIP_ROWS)
+            y0, y1 = round(top * height / out_h), round(bottom * height / out_h)
+            strip = self.read(0, round(y0 * downsample), level, (width, max(1, y1 - y0)))
+            if strip.shape[:2] != (bottom - top, out_w):
+                strip = np.asarray(Image.fromarray(strip).resize((out_w, bottom - top), Image.Resampling.BOX))
+            strips.append(strip)
+        return np.concatenate(strips), self.dimensions[0] / out_w
 
-    def level_at(self, target_mpp: float, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
-        """The whole slide at the level nearest to `target_mpp` (for the tissue mask):
-        (RGB, level-0 px per pixel). Refused when that level would be huge (a slide without
-        a pyramid): such a slide has to be converted to a pyramidal TIFF first."""
+    def level_at(self, target_mpp: float, max_pixels: int | None = None,
+                 max_side: int = OVERVIEW_MAX_SIDE) -> tuple[np.ndarray, float]:
+        """The whole slide near `target_mpp` (for the tissue mask), at most `max_side` px long
+        (coarser than the target for very large slides): (RGB, level-0 px per pixel). Refused
+        when the level to read is huge (a slide without a pyramid, read whole): such a slide
+        has to be converted to a pyramidal TIFF first."""
         level = self.level_for(target_mpp)
         width, height = self.level_dimensions[level]
         if width * height > (max_pixels or 64_000_000):
             raise SlideError(f"{self.path} has no level near {target_mpp:g} µm/px (its closest is {width}x{height} px); "
                              "convert it to a pyramidal TIFF first, e.g. with `vips tiffsave --tile --pyramid`")
-        return self.read(0, 0, level, (width, height)), self.level_downsamples[level]
+        return self.level_reduced(level, max_side)
 
     def close(self) -> None:
         self._slide.close()

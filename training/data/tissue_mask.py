@@ -21,12 +21,18 @@ HOLE_UM2 = 50_000  # holes smaller than this inside tissue are filled
 
 def tissue_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """Boolean [h, w] tissue mask of an RGB uint8 overview whose pixels are `mpp` µm wide."""
-    pixels = rgb.astype(np.float32)
-    high, low = pixels.max(axis=2), pixels.min(axis=2)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
-    od = -np.log((pixels + 1.0) / 256.0).mean(axis=2)
+    # uint8 and float32 one channel at a time: a 2048 px overview stays ~100 MB of work.
+    high, low = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = (high - low).astype(np.float32)
+    saturation /= np.maximum(high, 1)
+    del low
+    od = np.zeros(rgb.shape[:2], np.float32)
+    for channel in range(3):
+        od -= np.log((rgb[..., channel].astype(np.float32) + 1.0) / 256.0)
+    od /= 3
     threshold = max(MIN_SATURATION, _otsu(saturation))
     mask = (saturation > threshold) & (od > MIN_OD)
+    del saturation, od
     pixel_um2 = mpp * mpp
     mask = _remove_small(mask, SPECK_UM2 / pixel_um2)
     holes = ~mask
