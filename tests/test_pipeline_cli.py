@@ -32,12 +32,12 @@ def test_synth_train_export_serve_embed(tmp_path, free_ports):
     try:
         images = [read_dataset(data).absolute(item) for item in read_dataset(data).items[:4]]
         session = ort.InferenceSession(str(repo / "dino" / "1" / "model.onnx"))
-        expected = session.run(None, {"images": np.stack([load_model_input(p, 64) for p in images])})[0]
+        expected = session.run(None, {"images": np.stack([load_model_input(p, 224) for p in images])})[0]
         for protocol, port in (("grpc", free_ports["grpc_port"]), ("http", free_ports["http_port"])):
             npy = tmp_path / f"{protocol}.npy"
             printed = histoseek("embed", *images, "--model", "dino", "--protocol", protocol,
                                 "--triton-url", f"localhost:{port}", "--out", npy)
-            assert printed.stdout.count("dim 192, norm 1.0000") == len(images)
+            assert printed.stdout.count("dim 1280, norm 1.0000") == len(images)  # the cpu preset: EfficientNet-Lite0
             np.testing.assert_allclose(np.load(npy), expected, atol=1e-5)
         assert '"ready": true' in histoseek("triton", "status", "--run-dir", run).stdout
     finally:
