@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.results_files import figure, write_results
-from histoseek.dataset import read_dataset
 from histoseek.imaging import resize_and_crop
 from histoseek.metrics import majority_label
 from server.index import MANIFEST_FILE, IndexFolder, build_index

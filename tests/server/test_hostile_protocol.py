@@ -11,50 +11,28 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from histoseek.cli import main
 from server.app import Settings, create_app
 from server.index import IndexFolder
-from server.protocol import uvicorn_config
-from server.triton import free_port
 from tests.images import encode
-from tests.servers import assert_json_error
+from tests.servers import assert_json_error, served_in_thread
 
 pytestmark = pytest.mark.slow  # a real Triton and a real server
 
 SETTINGS = Settings(header_timeout_s=1.0, body_timeout_s=2.0, keep_alive_s=1.0)
 
 
-@contextmanager
-def served(app, settings: Settings):
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", free_port(), settings, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        yield server.config.port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def port(indexes_dir, triton_server):
-    with served(create_app(indexes_dir, triton_server.grpc_url, settings=SETTINGS), SETTINGS) as port:
-        yield port
+    with served_in_thread(create_app(indexes_dir, triton_server.grpc_url, settings=SETTINGS), settings=SETTINGS) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 @pytest.fixture
@@ -256,8 +234,8 @@ def tight_port(indexes_dir, triton_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tight")
     shutil.copytree(indexes_dir / "tissue", folder / "tissue")
     settings = Settings(max_decode_bytes=100_000_000, decode_wait_s=0.05)
-    with served(create_app(folder, triton_server.grpc_url, settings=settings), settings) as port:
-        yield port
+    with served_in_thread(create_app(folder, triton_server.grpc_url, settings=settings), settings=settings) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_upload_larger_than_the_whole_budget_is_413(tight_port):
