@@ -35,7 +35,7 @@ PRESETS = {
     "cpu": Preset(**LITE0_FINETUNE | dict(weight_decay=0.04),
                   options=dict(arch="cnn", local_size=96, n_local=2, out_dim=4096, hidden_dim=1024, bottleneck_dim=256,
                                teacher_temp=0.04, warmup_teacher_temp=0.04, teacher_temp_warmup=0.3, momentum=0.99,
-                               weight_decay_end=0.04, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+                               weight_decay_end=0.04, global_scale=[0.3, 1.0], local_scale=[0.05, 0.3],
                                hed_strength=0.05, color_jitter=0.1)),
     # From random weights: a ViT-Tiny on 64-px tiles with a convolutional stem (3 stride-2 convs -> 64 tokens):
     # early convolutions make ViTs far more sample-efficient (Xiao et al., NeurIPS 2021),

@@ -26,7 +26,7 @@ PRESETS = {
     # ImageNet EfficientNet-Lite0 fine-tuned, CBAM on its last feature map (the Lite
     # networks have no attention inside their blocks to add it to).
     "cpu": Preset(**LITE0_FINETUNE | dict(embedding_dim=128),
-                  options=dict(attention="head", alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, crop_scale=(0.5, 1.0),
+                  options=dict(attention="head", alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, crop_scale=[0.5, 1.0],
                                hed_strength=0.05, color_jitter=0.1)),
     # ResNet-18 with CBAM in every block, on 64-px tiles from random weights.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,

@@ -19,7 +19,7 @@ PRESETS = {
     # ImageNet EfficientNet-Lite0 fine-tuned; the support set is smaller than the 2,000-image
     # development sets it meets on CPU, and its neighbours are meaningful from the first step.
     "cpu": Preset(**LITE0_FINETUNE, options=dict(hidden_dim=512, out_dim=128, pred_hidden_dim=512, queue_size=1024,
-                                                 temperature=0.2, crop_scale=(0.4, 1.0), hed_strength=0.05,
+                                                 temperature=0.2, crop_scale=[0.4, 1.0], hed_strength=0.05,
                                                  color_jitter=0.1)),
     # ResNet-18 on 64-px tiles from random weights.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,

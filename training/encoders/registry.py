@@ -37,7 +37,7 @@ class Preset:
     warmup_epochs: int = 1
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific settings, JSON values (lists, not tuples)
     # Fine-tuning a pretrained trunk (training/finetune.py): where it starts (`--init`'s
     # default: "imagenet", a file, or None for random), its learning rate (None: `lr`, as
     # the heads), how many early stages stay frozen, whether its BatchNorm statistics stay

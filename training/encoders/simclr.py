@@ -18,7 +18,7 @@ from training.transforms import preset_two_views
 PRESETS = {
     # ImageNet EfficientNet-Lite0 fine-tuned (backbones.LITE0_FINETUNE): temperature 0.2,
     # crops of 40-100 % and mild colour jitter, as measured in shared/FINDINGS.md.
-    "cpu": Preset(**LITE0_FINETUNE, options=dict(hidden_dim=512, out_dim=128, temperature=0.2, crop_scale=(0.4, 1.0),
+    "cpu": Preset(**LITE0_FINETUNE, options=dict(hidden_dim=512, out_dim=128, temperature=0.2, crop_scale=[0.4, 1.0],
                                                  hed_strength=0.05, color_jitter=0.1)),
     # ResNet-18 on 64-px tiles from random weights: about 120 images/s forward+backward on 2 cores.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,

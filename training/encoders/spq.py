@@ -36,7 +36,7 @@ PRESETS = {
     # ImageNet EfficientNet-Lite0 fine-tuned; SPQ's descriptor layer and codebooks are new
     # and learn at the heads' rate.
     "cpu": Preset(**LITE0_FINETUNE | dict(embedding_dim=128, weight_decay=1e-5),
-                  options=dict(bits=32, tau_q=5.0, tau_cqc=0.5, crop_scale=(0.4, 1.0), hed_strength=0.05,
+                  options=dict(bits=32, tau_q=5.0, tau_cqc=0.5, crop_scale=[0.4, 1.0], hed_strength=0.05,
                                color_jitter=0.1)),
     # ResNet-18 on 64-px tiles from random weights.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=128, batch_size=64, epochs=30, lr=1e-3,

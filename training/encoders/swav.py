@@ -24,8 +24,8 @@ PRESETS = {
     "cpu": Preset(**LITE0_FINETUNE, options=dict(local_size=96, n_local=2, hidden_dim=512, out_dim=128,
                                                  n_prototypes=128, frozen_prototype_steps=30, queue_size=512,
                                                  queue_start=0.15, temperature=0.1, sinkhorn_iterations=3,
-                                                 sinkhorn_epsilon=0.05, global_scale=(0.3, 1.0),
-                                                 local_scale=(0.05, 0.3), hed_strength=0.05, color_jitter=0.1)),
+                                                 sinkhorn_epsilon=0.05, global_scale=[0.3, 1.0],
+                                                 local_scale=[0.05, 0.3], hed_strength=0.05, color_jitter=0.1)),
     # ResNet-18 on 64-px tiles from random weights.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
                   weight_decay=1e-4, warmup_epochs=2,
