@@ -72,7 +72,10 @@ def test_an_efficientnet_pytorch_file_and_a_timm_file_load_with_init_path(tmp_pa
 
 
 def test_unavailable_starts_fail_with_one_clear_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the network
+    # As on a machine without the network, but at once: the hub reads its env only at import.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     encoder = get_encoder("simclr")
     backbone = encoder.build_backbone(encoder.preset("cpu"))
     with pytest.raises(HistoseekError, match="pass a weights file instead: --init PATH"):
