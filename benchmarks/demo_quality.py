@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from benchmarks.colour_histogram import colour_histogram_metrics
+from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.results_files import figure, write_results
 from export.onnx_export import ContractModel
 from histoseek.collapse import similarity_spread
 from histoseek.dataset import read_dataset
 from histoseek.metrics import embedding_retrieval_metrics
 from histoseek.quickstart import DEMO_COLLECTION, QUICKSTART_EPOCHS
-from training import checkpoint, pretrained
-from training.backbones import cnn
+from training import checkpoint
 from training.encoders.registry import EncoderSpec, get_encoder
 from training.evaluate import embed_dataset
 from training.train import TrainConfig, train
@@ -50,15 +50,6 @@ def row(name: str, model: torch.nn.Module, spec: EncoderSpec, dataset) -> tuple[
     metrics = embedding_retrieval_metrics(dataset, embeddings, dataset, embeddings, KS)
     return {"model": name, "metrics": metrics, "similarity_spread": similarity_spread(embeddings),
             **result_similarities(embeddings)}, embeddings
-
-
-def frozen_backbone(architecture: str, input_size: int) -> tuple[torch.nn.Module, EncoderSpec]:
-    trunk = cnn(architecture)
-    state, origin = pretrained.imagenet_state(architecture, trunk)
-    pretrained.load_strict(trunk, state, origin["package"])
-    return trunk.eval(), EncoderSpec(name="frozen", method="frozen ImageNet backbone", preset="-",
-                                     backbone=architecture, embedding_dim=trunk.num_features,
-                                     input_size=input_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def markdown(report: dict) -> str:

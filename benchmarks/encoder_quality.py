@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 from benchmarks.colour_histogram import colour_histogram_metrics
+from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.results_files import figure, write_results
 from export.export_checkpoint import export_checkpoint
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
-from training import pretrained
-from training.backbones import cnn
-from training.encoders.registry import EncoderSpec, get_encoder, list_encoders
+from training.encoders.registry import get_encoder, list_encoders
 from training.evaluate import evaluate_backbone, evaluate_checkpoint
 from training.train import TrainConfig, train
 
@@ -69,14 +68,9 @@ def measure_frozen(architecture: str, input_size: int, data: Path, workdir: Path
     result_file = workdir / f"frozen-{architecture}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    trunk = cnn(architecture)
-    state, origin = pretrained.imagenet_state(architecture, trunk)
-    pretrained.load_strict(trunk, state, origin["package"])
-    spec = EncoderSpec(name=f"frozen {architecture}", method="frozen ImageNet backbone", preset="-",
-                       backbone=architecture, embedding_dim=trunk.num_features, input_size=input_size,
-                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    evaluation = evaluate_backbone(trunk.eval(), spec, data / "train", data / "test", KS)
-    result = {"architecture": architecture, "input_size": input_size, "embedding_dim": trunk.num_features,
+    trunk, spec = frozen_backbone(architecture, input_size)
+    evaluation = evaluate_backbone(trunk, spec, data / "train", data / "test", KS)
+    result = {"architecture": architecture, "input_size": input_size, "embedding_dim": spec.embedding_dim,
               "metrics": evaluation["metrics"], "similarity_spread": evaluation["similarity_spread"]}
     result_file.write_text(json.dumps(result, indent=2))
     return result

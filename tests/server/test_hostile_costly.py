@@ -148,14 +148,19 @@ def alongside(url: str, query: bytes, hostile):
     return outcome["result"], slowest
 
 
-@pytest.fixture(scope="module")
-def api(indexes_dir, triton_server, tmp_path_factory):
-    """`histoseek serve` with its default limits."""
-    log = tmp_path_factory.mktemp("costly") / "api.log"
-    process, url = start_api_process(indexes_dir, triton_server.grpc_url, log)
+def serve_with(indexes_dir, triton_server, tmp_path_factory, name: str, *options: str):
+    """`histoseek serve *options` for a module's tests: its url, pid and log; stopped afterwards."""
+    log = tmp_path_factory.mktemp(name) / "api.log"
+    process, url = start_api_process(indexes_dir, triton_server.grpc_url, log, *options)
     yield {"url": url, "pid": process.pid, "log": log}
     process.terminate()
     process.wait(20)
+
+
+@pytest.fixture(scope="module")
+def api(indexes_dir, triton_server, tmp_path_factory):
+    """`histoseek serve` with its default limits."""
+    yield from serve_with(indexes_dir, triton_server, tmp_path_factory, "costly")
 
 
 @pytest.mark.parametrize("what, make, filename, status, message", CASES, ids=[case[0] for case in CASES])
@@ -182,11 +187,7 @@ def test_costly_upload(api, query, what, make, filename, status, message):
 @pytest.fixture(scope="module")
 def hurried_api(indexes_dir, triton_server, tmp_path_factory):
     """`histoseek serve --request-timeout 0.05`: any real decode of a large image outlives it."""
-    log = tmp_path_factory.mktemp("hurried") / "api.log"
-    process, url = start_api_process(indexes_dir, triton_server.grpc_url, log, "--request-timeout", "0.05")
-    yield {"url": url, "pid": process.pid, "log": log}
-    process.terminate()
-    process.wait(20)
+    yield from serve_with(indexes_dir, triton_server, tmp_path_factory, "hurried", "--request-timeout", "0.05")
 
 
 def wait_for_log(log: Path, text: str, timeout: float = 10) -> bool:
@@ -224,11 +225,7 @@ def test_abandoned_request_is_stopped(api, query):
 
 @pytest.fixture(scope="module")
 def budget_api(indexes_dir, triton_server, tmp_path_factory):
-    log = tmp_path_factory.mktemp("budget") / "api.log"
-    process, url = start_api_process(indexes_dir, triton_server.grpc_url, log, "--max-decode-mb", "400")
-    yield {"url": url, "pid": process.pid, "log": log}
-    process.terminate()
-    process.wait(20)
+    yield from serve_with(indexes_dir, triton_server, tmp_path_factory, "budget", "--max-decode-mb", "400")
 
 
 def test_40_concurrent_worst_case_uploads_stay_in_the_budget(budget_api, query):

@@ -11,6 +11,7 @@ from matplotlib import cbook
 from PIL import Image
 
 from export.export_checkpoint import export_checkpoint
+from histoseek.checksum import file_sha256
 from histoseek.collapse import similarity_spread
 from histoseek.errors import HistoseekError
 from training import checkpoint, finetune, pretrained
@@ -68,7 +69,7 @@ def test_an_efficientnet_pytorch_file_and_a_timm_file_load_with_init_path(tmp_pa
         backbone = encoder.build_backbone(encoder.preset("cpu"))
         got = pretrained.initialise(encoder, backbone, str(file))
         assert torch.equal(backbone.blocks[6][0].conv_pwl.weight, state["blocks.6.0.conv_pwl.weight"])
-        assert got == {"source": "file", "file": str(file.resolve()), "sha256": pretrained.sha256(file)}
+        assert got == {"source": "file", "file": str(file.resolve()), "sha256": file_sha256(file)}
 
 
 def test_unavailable_starts_fail_with_one_clear_line(monkeypatch, tmp_path):
