@@ -30,7 +30,8 @@ from PIL import Image
 from benchmarks.results_files import figure, write_results
 from histoseek.imaging import resize_and_crop
 from histoseek.metrics import majority_label
-from server.index import MANIFEST_FILE, IndexFolder, build_index
+from server.build import build_index
+from server.index import MANIFEST_FILE, IndexFolder
 from server.index_types import new_faiss_index, search_parameters
 from server.slide_search import NEIGHBOURS, SlideSearch, rank_slides
 from server.search import SearchCore

@@ -58,6 +58,7 @@ def _error(message: str, what: str = "Error") -> str:
 
 def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
     client = SearchClient(api_url, api_key=api_key)
+    labels_of: dict[str, list[str]] = {}  # index name -> its labels, as last listed by the API
 
     def refresh_indexes(current: str | None):
         try:
@@ -66,12 +67,18 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
             return gr.Dropdown(choices=[], value=None), _error(str(exc), "Could not list the indexes")
         choices = [(f"{i['name']} ({i.get('encoder', '?')}, {i.get('count', '?')} items)", i["name"])
                    for i in indexes]
+        labels_of.clear()
+        labels_of.update({i["name"]: list(i.get("labels") or []) for i in indexes})
         names = [name for _, name in choices]
         value = current if current in names else (names[0] if names else None)
         status = "" if names else _error("The search API has no indexes: build one with `histoseek index build`.")
         return gr.Dropdown(choices=choices, value=value), status
 
-    def search(image: Image.Image | None, index: str | None, k: float):
+    def label_choices(index: str | None):
+        # A new index has other labels: the filter starts empty (all labels) again.
+        return gr.Dropdown(choices=labels_of.get(index or "", []), value=[])
+
+    def search(image: Image.Image | None, index: str | None, k: float, labels: list[str] | None = None):
         empty = ([], "", "")
         if image is None:
             return *empty, _error("Upload an image or pick an example first.")
@@ -81,13 +88,14 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                 if not names:
                     raise ApiError("The search API has no indexes: build one with `histoseek index build`.")
                 index = names[0]
-            answer = client.search(image, index, int(k))
+            answer = client.search(image, index, int(k), labels=labels or None)
             started = time.perf_counter()
             hits = client.thumbnails(answer["results"])
             thumbnails_ms = (time.perf_counter() - started) * 1000
             gallery = [(hit.image if hit.image is not None else _MISSING, caption(hit)) for hit in hits]
+            among = f" labelled {', '.join(labels)}" if labels else ""
             return (gallery, vote_text(answer), timings_text(answer, thumbnails_ms),
-                    f"{len(hits)} results from index `{index}`.")
+                    f"{len(hits)} results{among} from index `{index}`.")
         except ApiError as exc:
             return *empty, _error(str(exc), "Search failed")
         except (KeyError, TypeError, ValueError) as exc:  # an answer that breaks the contract
@@ -109,6 +117,8 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                             index = gr.Dropdown(label="Index", choices=[], scale=5, elem_id="index-dropdown")
                             refresh = gr.Button("↻ Refresh", size="sm", scale=1, min_width=60, elem_id="refresh-indexes")
                         k = gr.Slider(1, 50, value=8, step=1, label="k (number of results)", elem_id="k-slider")
+                        labels = gr.Dropdown(label="Only these labels (empty: all)", choices=[], value=[],
+                                             multiselect=True, elem_id="label-filter")
                         button = gr.Button("Search", variant="primary", elem_id="search-button")
                         status = gr.Markdown(elem_id="status")
                     with gr.Column(scale=3):
@@ -118,10 +128,13 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                         timings = gr.Markdown(elem_id="timings")
             with gr.Tab("Slides", id="slides", elem_id="slides-tab"):
                 load_slides, slide_outputs = build_slides_tab(client)
-        blocks.load(refresh_indexes, inputs=index, outputs=[index, status])
+        blocks.load(refresh_indexes, inputs=index, outputs=[index, status]).then(
+            label_choices, inputs=index, outputs=labels)
         blocks.load(load_slides, outputs=list(slide_outputs))
-        refresh.click(refresh_indexes, inputs=index, outputs=[index, status])
-        button.click(search, inputs=[image, index, k], outputs=[gallery, vote, timings, status])
+        refresh.click(refresh_indexes, inputs=index, outputs=[index, status]).then(
+            label_choices, inputs=index, outputs=labels)
+        index.input(label_choices, inputs=index, outputs=labels)
+        button.click(search, inputs=[image, index, k, labels], outputs=[gallery, vote, timings, status])
     return blocks
 
 

@@ -43,12 +43,14 @@ class SearchClient:
         """`GET /v1/indexes`: one dict per index (name, encoder, type, count, dimension, labels)."""
         return self._request("GET", "/v1/indexes").json()
 
-    def search(self, image: Image.Image, index: str, k: int) -> dict:
-        """`POST /v1/search`; the image goes as PNG so that it arrives with its exact pixels."""
+    def search(self, image: Image.Image, index: str, k: int, labels: list[str] | None = None) -> dict:
+        """`POST /v1/search`, among the items of `labels` if given; the image goes as PNG so
+        that it arrives with its exact pixels."""
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         files = {"image": ("query.png", buffer.getvalue(), "image/png")}
-        return self._request("POST", "/v1/search", files=files, data={"index": index, "k": str(k)}).json()
+        data = {"index": index, "k": str(k), **({"labels": list(labels)} if labels else {})}
+        return self._request("POST", "/v1/search", files=files, data=data).json()
 
     def thumbnails(self, results: list[dict]) -> list[Hit]:
         """Fetch each result's thumbnail from the API (the browser may not reach the API itself)."""

@@ -152,26 +152,40 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    from server import index
+    from server import build, index
 
     if args.action == "build":
         params = {"nlist": args.nlist, "nprobe": args.nprobe, "M": args.m, "nbits": args.bits,
                   "ef_search": args.ef_search}
-        out = index.build_index(args.encoder, args.data, args.out, index_type=args.type, triton_url=args.triton_url,
-                                protocol=args.protocol, batch=args.batch, params=params, repo=args.repo)
+        out = build.build_index(args.encoder, args.data, args.out, index_type=args.type, triton_url=args.triton_url,
+                                protocol=args.protocol, batch=args.batch, params=params, repo=args.repo,
+                                backend=args.backend, backend_options=_milvus_options(args), ray=args.ray,
+                                ray_workers=args.ray_workers, ray_engine=args.ray_engine)
         print(f"index written to {out}")
     elif args.action == "add":
         if (args.data is None) == (not args.image):
             raise HistoseekError("give either --data DIR (a dataset folder) or --image FILE… --label LABEL")
         if args.image and not args.label:
             raise HistoseekError("--image needs --label: the diagnosis stored with the new items")
-        ids = index.add_items(args.index, args.data or list(args.image), label=args.label, group=args.group,
-                              triton_url=args.triton_url, protocol=args.protocol)
+        ids = build.add_items(args.index, args.data or list(args.image), label=args.label, group=args.group,
+                              triton_url=args.triton_url, protocol=args.protocol, repo=args.repo, ray=args.ray,
+                              ray_workers=args.ray_workers, ray_engine=args.ray_engine)
         print(f"added {len(ids)} items: ids {ids[0]}…{ids[-1]}" if ids else "added nothing")
     elif args.action == "remove":
         print(f"removed {index.remove_items(args.index, args.id)} of {len(args.id)} items")
     else:
         print(json.dumps(index.index_info(args.index), indent=2))
+
+
+def _milvus_options(args: argparse.Namespace) -> dict:
+    if args.backend != "milvus":
+        if args.milvus_uri or args.collection:
+            raise HistoseekError("--milvus-uri and --collection need --backend milvus")
+        return {}
+    if not args.milvus_uri:
+        raise HistoseekError("--backend milvus needs --milvus-uri: a local file such as work/milvus.db "
+                             "(Milvus Lite) or http://host:19530 (a Milvus server)")
+    return {"uri": args.milvus_uri, "collection": args.collection}
 
 
 def _positive(kind):
@@ -269,6 +283,22 @@ def cmd_bench_search(args: argparse.Namespace) -> None:
         types=args.types.split(","), workdir=args.workdir, results=args.results))
 
 
+def cmd_search_image(args: argparse.Namespace) -> None:
+    from server.filters import from_lists
+    from server.search_command import search_image_command
+
+    where = from_lists(labels=args.label, exclude_labels=args.exclude_label, groups=args.group,
+                       exclude_groups=args.exclude_group, sources=args.source, exclude_sources=args.exclude_source)
+    result = search_image_command(args.index, args.image, k=args.k, where=where, triton_url=args.triton_url,
+                                  protocol=args.protocol)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"vote {result['vote']['label'] or '-'} ({result['vote']['share']:.0%}) of {len(result['results'])} results")
+    for r in result["results"]:
+        print(f"{r['rank']:3d}. id {r['id']}  {r['label']}  score {r['score']:.4f}  group {r['group']}  {r['source']}")
+
+
 def cmd_search_slide(args: argparse.Namespace) -> None:
     from server.slide_search import search_slide_command
 
@@ -296,6 +326,17 @@ def cmd_bench_slides(args: argparse.Namespace) -> None:
 def _triton_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triton-url", default="localhost:8001", help="host:port of Triton (gRPC 8001, HTTP 8000)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+
+
+def _ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="embed on Ray: a cluster's HOST:PORT or auto, or no value for a local Ray on this "
+                        "machine; the images (and --repo) must be at the same paths on every node")
+    p.add_argument("--ray-workers", type=_positive(int),
+                   help="embedding actors (default: one per node; each a client of its node's Triton)")
+    p.add_argument("--ray-engine", choices=["triton", "onnxruntime"],
+                   help="what the actors embed with: the Triton on their node at --triton-url (default), "
+                        "or onnxruntime running --repo's model.onnx (no Triton needed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,14 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     _triton_arguments(p)
     p.set_defaults(func=cmd_embed)
 
-    index = sub.add_parser("index", help="build and edit FAISS indexes").add_subparsers(dest="action", required=True)
+    index = sub.add_parser("index", help="build and edit indexes (FAISS files or Milvus collections)").add_subparsers(
+        dest="action", required=True)
     p = index.add_parser("build", help="embed a dataset folder through Triton into a new index folder")
     p.add_argument("--encoder", required=True, help="the Triton model (encoder) to embed with")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--type", choices=["flat", "hnsw", "ivfpq", "pq"], default="flat",
-                   help="flat: exact; hnsw: graph; ivfpq: inverted lists + PQ; pq: product quantization "
-                        "(the encoder's own codebooks for spq, k-means otherwise)")
+    p.add_argument("--type", default="flat",
+                   help="faiss: flat (exact), hnsw (graph), ivfpq (inverted lists + PQ), pq (product quantization: "
+                        "the encoder's own codebooks for spq, k-means otherwise); milvus: flat, hnsw, ivf_flat, "
+                        "ivf_sq8, and on a Milvus server also ivf_pq, diskann, gpu_cagra, gpu_ivf_pq")
+    p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="where the vectors live: FAISS files in the index folder (default; spq's own codes), "
+                        "or a Milvus collection (--milvus-uri)")
+    p.add_argument("--milvus-uri", help="milvus: a local file (Milvus Lite, one process at a time) or "
+                                        "http://host:19530 (Milvus server or cluster; token in $MILVUS_TOKEN)")
+    p.add_argument("--collection", help="milvus: the collection's name (default: from the index folder's name)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--m", type=int, help="PQ sub-quantizers (pq, ivfpq) or HNSW links per node")
     p.add_argument("--bits", type=int, help="bits per PQ sub-quantizer (pq, ivfpq; default up to 8)")
@@ -413,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=Path("model_repository"),
                    help="the model repository Triton serves (spq's codebooks are read from it)")
     _triton_arguments(p)
+    _ray_arguments(p)
     p.set_defaults(func=cmd_index)
     p = index.add_parser("add", help="add images to an index without a rebuild")
     p.add_argument("--index", type=Path, required=True)
@@ -420,7 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, action="append", help="an image file (repeatable)")
     p.add_argument("--label", help="label of the --image files")
     p.add_argument("--group", help="group (source image, slide, patient) of the --image files")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="the model repository (read by --ray-engine onnxruntime)")
     _triton_arguments(p)
+    _ray_arguments(p)
     p.set_defaults(func=cmd_index)
     p = index.add_parser("remove", help="remove items by id")
     p.add_argument("--index", type=Path, required=True)
@@ -432,6 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="search an index from the command line").add_subparsers(
         dest="action", required=True)
+    p = search.add_parser("image", help="the most similar items of an index to one image, optionally filtered")
+    p.add_argument("--index", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("-k", type=int, default=10)
+    filters = p.add_argument_group("filters (repeatable; applied inside the search, so k results come back "
+                                   "whenever k items match)")
+    for name, meaning in (("label", "diagnosis"), ("group", "slide or patient"), ("source", "source file")):
+        filters.add_argument(f"--{name}", action="append", help=f"only items with this {meaning}")
+        filters.add_argument(f"--exclude-{name}", action="append", help=f"no items with this {meaning}")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _triton_arguments(p)
+    p.set_defaults(func=cmd_search_image)
     p = search.add_parser("slide", help="rank an index's slides against a query slide (Yottixel mosaic)")
     p.add_argument("--index", type=Path, required=True)
     query = p.add_mutually_exclusive_group(required=True)

@@ -35,8 +35,10 @@ from histoseek.errors import HistoseekError
 from histoseek.imaging import read_header
 from server.admission import Admission, Busy, Job, OverBudget, Stopped
 from server.api_metrics import install_metrics
+from server.backends import BackendUnavailable
 from server.embedder import Embedder, ModelNotFound, TritonUnavailable
 from server.fields import InvalidField, NoSuchId, item_id, text_field, upload_name
+from server.filters import ItemFilter, from_lists
 from server.framing import AS_CURL, RequestFraming
 from server.guard import RequestGuard
 from server.head import HeadAsGet
@@ -74,6 +76,7 @@ class Vote(BaseModel):
 class SearchResponse(BaseModel):
     index: str
     k: int
+    filter: dict[str, list[str]] | None = None  # the filter applied, as given (absent: none)
     results: list[Result]
     vote: Vote
     timings_ms: dict[str, float]  # decode, preprocess, embed, search, total
@@ -112,7 +115,8 @@ def _status_of(exc: HistoseekError) -> int:
         return 404
     if isinstance(exc, InvalidField):
         return 422
-    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped, SlideUnavailable)):
+    if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped, SlideUnavailable,
+                        BackendUnavailable)):
         return 503
     from training.data.slides import SlideError
 
@@ -198,6 +202,7 @@ class Service:
                                    f"`histoseek index build --out {self.indexes_dir}/<name>`")
         for name, core in self.cores.items():
             try:
+                core.folder.check_available()
                 core.verify_model(force=True)
                 if not core.embedder.ready():
                     raise TritonUnavailable(f"model {core.embedder.model!r} is not ready on Triton at "
@@ -218,6 +223,19 @@ def _multipart(request: Request) -> None:
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(415, f"send the image as multipart/form-data (got {content_type or 'no content type'!r}), "
                             f"{AS_CURL}")
+
+
+def _search_filter(labels: list[str] | None = Form(None), exclude_labels: list[str] | None = Form(None),
+                   groups: list[str] | None = Form(None), exclude_groups: list[str] | None = Form(None),
+                   sources: list[str] | None = Form(None), exclude_sources: list[str] | None = Form(None),
+                   query_group: str | None = Form(None)) -> ItemFilter | None:
+    """The search's metadata filter from repeatable form fields (`labels=tumour&labels=stroma`);
+    `query_group`, the query's own slide or patient, is excluded from the results."""
+    where = from_lists(labels=labels, exclude_labels=exclude_labels, groups=groups, exclude_groups=exclude_groups,
+                       sources=sources, exclude_sources=exclude_sources)
+    if query_group is not None:
+        where = (where or ItemFilter()).without_group(text_field("group", query_group, "query_group"))
+    return where
 
 
 def _image_url(index: str, item_id: int) -> str:
@@ -251,18 +269,19 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     @app.post("/v1/search", summary="Search an index with an image (PNG, JPEG or TIFF)", dependencies=upload,
               response_model_exclude_none=True)
     async def search(request: Request, image: UploadFile = File(...), index: str | None = Form(None),
-                     k: int | None = Form(None), svc: Service = Depends(_service)) -> SearchResponse:
+                     k: int | None = Form(None), where: ItemFilter | None = Depends(_search_filter),
+                     svc: Service = Depends(_service)) -> SearchResponse:
         k = svc.settings.default_k if k is None else k
         if not 1 <= k <= svc.settings.max_k:
             raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
         core = svc.core(index)
-        outcome = await svc.decode_and(request, core, image,
-                                       lambda data, name, job: core.search(data, k, name=name, check=job.check))
+        outcome = await svc.decode_and(request, core, image, lambda data, name, job: core.search(
+            data, k, name=name, check=job.check, where=where))
         name = core.folder.name
         for stage, ms in outcome.timings_ms.items():
             app.state.stage_seconds.labels(stage).observe(ms / 1000)
         return SearchResponse(
-            index=name, k=k,
+            index=name, k=k, filter=where.describe() if where is not None else None,
             results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
                             image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
             vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),

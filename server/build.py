@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -26,10 +25,12 @@ from histoseek import atomic
 from histoseek.dataset import IMAGE_SUFFIXES, DatasetItem, is_image_file, read_dataset, read_slides_table
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image, resize_and_crop
+from server import ray_embedding
 from server.embedder import Embedder
 from server.fields import text_field
-from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
-from server.index_types import check_index_type, new_faiss_index
+from server.backends import backend_class
+from server.index import MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
+from server.index_types import check_index_type
 from server.store import Item, SlideRecord, Store, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
@@ -125,17 +126,30 @@ def encoder_codebooks(embedder: Embedder, repo: Path, sha256: str | None) -> np.
     return codebooks
 
 
-def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: str, protocol: str,
-          batch: int, params: dict | None = None, repo: Path = Path("model_repository")) -> Path:
+def build_index(encoder: str, data: Path, out: Path, *, index_type: str = "flat", triton_url: str = "localhost:8001",
+                protocol: str = "grpc", batch: int = 32, params: dict | None = None,
+                repo: Path = Path("model_repository"), backend: str = "faiss",
+                backend_options: dict | None = None, ray: str | None = None, ray_workers: int | None = None,
+                ray_engine: str | None = None) -> Path:
+    """Embed a dataset folder through Triton and write the index folder `out` atomically;
+    its vectors go to `backend` (options: Milvus's `uri` and `collection`). With `ray` (a
+    cluster address, "" for a local Ray) the embedding runs on Ray (server/ray_embedding.py)."""
+    data, out = Path(data), Path(out)
     if batch < 1:
         raise HistoseekError(f"--batch must be at least 1, got {batch}")
     dataset = read_dataset(data)
-    check_index_type(index_type, len(dataset))
-    _check_output(Path(out), Path(data))
-    embedder = Embedder(triton_url, encoder, protocol, batch_size=batch)
+    store_class = backend_class(backend)
+    if index_type not in store_class.index_types:
+        raise HistoseekError(f"the {backend} backend has no index type {index_type!r}; choose one of "
+                             f"{', '.join(store_class.index_types)}")
+    if backend == "faiss":
+        check_index_type(index_type, len(dataset))
+    _check_output(out, data)
+    embedder = ray_embedding.model_source(encoder, ray=ray, workers=ray_workers, engine=ray_engine,
+                                          triton_url=triton_url, protocol=protocol, batch=batch, repo=repo)
     spec = embedder.spec()
     sha256, dim = _served_model(embedder)
-    codebooks = encoder_codebooks(embedder, repo, sha256) if index_type == "pq" else None
+    codebooks = encoder_codebooks(embedder, repo, sha256) if index_type == "pq" and backend == "faiss" else None
     paths = [dataset.absolute(item).resolve() for item in dataset.items]
     fingerprint = hashlib.sha256(json.dumps([[str(p), i.label, i.group] for p, i in zip(paths, dataset.items)])
                                  .encode()).hexdigest()
@@ -145,7 +159,11 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
     done = {int(p.stem.split("_")[1]) for p in staging.glob("batch_*.npz")}
     with tqdm(total=len(paths), initial=min(len(paths), len(done) * batch), unit="img",
               desc=f"embedding {Path(data).name} with {encoder}") as progress:
-        for number, embeddings, thumbnails in _embed_batches(paths, embedder, batch, done, progress):
+        batches = (_embed_batches(paths, embedder, batch, done, progress) if ray is None else
+                   ray_embedding.embed_batches(paths, embedder, batch=batch, skip=done, address=ray,
+                                               workers=ray_workers, engine=ray_engine, triton_url=triton_url,
+                                               protocol=protocol, progress=progress))
+        for number, embeddings, thumbnails in batches:
             _save_batch(staging / f"batch_{number:06d}.npz", embeddings, thumbnails)
     if _served_model(embedder)[0] != sha256:
         # Triton loaded another version mid-build; the saved batches say which model made
@@ -159,24 +177,34 @@ def build(encoder: str, data: Path, out: Path, *, index_type: str, triton_url: s
         embeddings.append(part)
         thumbnails.extend(thumbs)
     vectors = np.ascontiguousarray(np.concatenate(embeddings), dtype=np.float32)
-    faiss_index, params = new_faiss_index(index_type, dim, vectors, params, codebooks)
-    faiss_index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
     items = [_item(i, str(path), entry) for i, (path, entry) in enumerate(zip(paths, dataset.items))]
+    manifest = {
+        "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
+        "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
+        "weights_origin": spec.get("weights_origin", {}), "backend": backend,
+        "index_type": index_type, "index_params": {k: v for k, v in (params or {}).items() if v is not None},
+        "count": len(items), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": str(data.resolve()),
+    }
+    write_index_folder(out, manifest, vectors, items, thumbnails, _slide_records(data),
+                       {**(backend_options or {}), "codebooks": codebooks})
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote %s: %d items, %s index in %s", out, len(items), index_type, backend)
+    return out
 
+
+def write_index_folder(out: Path, manifest: dict, vectors: np.ndarray, items: list[Item], thumbnails: list[bytes],
+                       slides: list[SlideRecord] = (), options: dict | None = None) -> Path:
+    """Write (atomically: a whole new folder swapped in) the index folder `out` holding `items`
+    (ids set) with their vectors in the manifest's backend; the manifest gets the backend's keys."""
+    store_class = backend_class(manifest.get("backend", "faiss"))
+    manifest = {**manifest, "count": len(items)}
     with atomic.staged_directory(out) as folder:
         store = Store.create(folder / STORE_FILE)
         store.insert(items, thumbnails)
-        store.add_slides(_slide_records(Path(data)))
-        faiss.write_index(faiss_index, str(folder / FAISS_FILE))
-        atomic.write_json(folder / MANIFEST_FILE, {
-            "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
-            "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
-            "weights_origin": spec.get("weights_origin", {}),
-            "index_type": index_type, "index_params": params, "count": len(items),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "data": str(Path(data).resolve()),
-        })
-    shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s: %d items, %s index", out, len(items), index_type)
+        store.add_slides(list(slides))
+        manifest.update(store_class.create(folder, manifest, vectors, items, {**(options or {}), "index_name": out.name}))
+        atomic.write_json(folder / MANIFEST_FILE, manifest)
     return out
 
 
@@ -197,8 +225,10 @@ def _slide_records(data: Path) -> list[SlideRecord]:
 
 
 def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | None, group: str | None,
-              triton_url: str, protocol: str, batch: int) -> list[int]:
-    """Embed a dataset folder or labelled image files and add them to `folder`."""
+              triton_url: str, protocol: str, batch: int, repo: Path = Path("model_repository"),
+              ray: str | None = None, ray_workers: int | None = None, ray_engine: str | None = None) -> list[int]:
+    """Embed a dataset folder or labelled image files and add them to `folder` (with `ray`,
+    on Ray: see build_index)."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         dataset = read_dataset(source)
         entries = [(dataset.absolute(i).resolve(), i) for i in dataset.items]
@@ -216,12 +246,18 @@ def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | No
         # Without a group each image is its own, as in a folder-per-class dataset.
         entries = [(p.resolve(), DatasetItem(str(p), label, group or str(p.resolve()), source=str(p)))
                    for p in files]
-    embedder = Embedder(triton_url, folder.manifest["encoder"], protocol, batch_size=batch)
+    embedder = ray_embedding.model_source(folder.manifest["encoder"], ray=ray, workers=ray_workers, engine=ray_engine,
+                                          triton_url=triton_url, protocol=protocol, batch=batch, repo=repo,
+                                          version=folder.manifest.get("model_version"))
     check_model(folder.manifest, folder.name, *_served_model(embedder))
     paths = [path for path, _ in entries]
     embeddings, thumbnails = [], []
     with tqdm(total=len(paths), unit="img", desc=f"embedding for {folder.name}") as progress:
-        for _, part, thumbs in _embed_batches(paths, embedder, batch, set(), progress):
+        batches = (_embed_batches(paths, embedder, batch, set(), progress) if ray is None else
+                   ray_embedding.embed_batches(paths, embedder, batch=batch, skip=set(), address=ray,
+                                               workers=ray_workers, engine=ray_engine, triton_url=triton_url,
+                                               protocol=protocol, progress=progress))
+        for _, part, thumbs in sorted(batches, key=lambda batch: batch[0]):
             embeddings.append(part)
             thumbnails.extend(thumbs)
     items = [_item(-1, str(path), entry) for path, entry in entries]
@@ -230,3 +266,16 @@ def add_files(folder: IndexFolder, source: Path | list[Path], *, label: str | No
         folder.store.add_slides(_slide_records(Path(source)))
     return ids
 
+
+def add_items(index_dir: Path, source: Path | list[Path], *, label: str | None = None, group: str | None = None,
+              triton_url: str = "localhost:8001", protocol: str = "grpc", batch: int = 32,
+              repo: Path = Path("model_repository"), ray: str | None = None, ray_workers: int | None = None,
+              ray_engine: str | None = None) -> list[int]:
+    """Add a dataset folder (labels from it) or image files (all labelled `label`); the new ids.
+    With `ray` (a cluster address, "" for a local Ray) the embedding runs on Ray."""
+    folder = IndexFolder(Path(index_dir))
+    try:
+        return add_files(folder, source, label=label, group=group, triton_url=triton_url, protocol=protocol,
+                         batch=batch, repo=Path(repo), ray=ray, ray_workers=ray_workers, ray_engine=ray_engine)
+    finally:
+        folder.close()

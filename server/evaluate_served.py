@@ -15,6 +15,7 @@ from tqdm import tqdm
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
 from histoseek.metrics import retrieval_metrics
+from server.filters import ItemFilter
 from server.embedder import Embedder
 from server.index import IndexFolder
 from server.search import SearchCore
@@ -38,7 +39,7 @@ def evaluate_index(index_dir: Path, queries: Path, ks: list[int], triton_url: st
             # all the same: the served path is what is being measured.
             images = np.stack([core.preprocess(core.decode(_read(dataset.absolute(i)), name=i.path))
                                for i in items])
-            hits = core.search_batch(images, k, exclude_groups=[i.group for i in items])
+            hits = core.search_batch(images, k, [ItemFilter(exclude_groups=(i.group,)) for i in items])
             ranked.extend([hit.item.label for hit in row] for row in hits)
             progress.update(len(items))
     return {

@@ -1,49 +1,44 @@
-"""Index folders: `index.faiss` + `items.sqlite` + `manifest.json`, searched and edited in place.
+"""Index folders: `manifest.json` + `items.sqlite` + the vectors in a backend (server/backends/:
+FAISS's `index.faiss` in the folder, or a Milvus collection), searched and edited in place.
 
 Consistency of add and remove (one writer at a time: an fcntl lock on `.write.lock`):
-- invariant: every item in the store has its vector in index.faiss; the index may hold
-  extra vectors, which are never returned because results are looked up in the store;
-- add: vectors go into index.faiss first (temporary file + os.replace), then the rows
-  are committed to the store in one transaction;
-- remove: the rows are deleted from the store first, then the vectors from index.faiss;
-  HNSW cannot remove vectors, so there the rowless vectors stay as tombstones;
+- invariant: every item in the store has its vector in the backend; the backend may hold
+  extra vectors, which are never returned (searches are restricted to the store's rows,
+  and results are looked up in the store);
+- add: vectors go into the backend first, then the rows are committed to the store in one
+  transaction;
+- remove: the rows are deleted from the store first, then the vectors from the backend
+  (FAISS HNSW cannot remove vectors: there they stay as tombstones);
 - so a crash between the two writes leaves at worst rowless vectors. Opening a folder
-  checks the invariant; under the lock, rowless vectors are removed from the index
-  (kept as tombstones for HNSW), rows without a vector, which only outside tampering
-  can cause, are dropped, and a killed writer's temporary files are deleted. New ids
-  start above every id the store ever handed out and every vector the index holds or
+  checks the invariant; under the lock, rowless vectors are removed from the backend,
+  rows without a vector, which only outside tampering can cause, are dropped. New ids
+  start above every id the store ever handed out and every vector the backend holds or
   held, so a tombstone or a stale snapshot's vector is never mistaken for a new item.
 manifest.json's `count` is refreshed last (and by a repair) and only informs; the
 store's rows decide.
-
-Readers never lock: they keep an in-memory snapshot of the FAISS index and replace it
-whole when the store's (build_id, generation) or index.faiss's file identity changes, so
-edits made by another process (the CLI while the API serves) show up at the next search.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import logging
-import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-import faiss
 import numpy as np
 
-from histoseek.atomic import temporary_path, write_json
+from histoseek.atomic import write_json
 from histoseek.errors import HistoseekError
-from server.index_types import apply_search_params, code_bytes_per_item, search_parameters, searchable_copy
+from server.backends import BackendUnavailable, VectorBackend, open_backend
+from server.filters import ItemFilter
 from server.store import Item, Store
 
 log = logging.getLogger(__name__)
 
-FAISS_FILE, STORE_FILE, MANIFEST_FILE, LOCK_FILE = "index.faiss", "items.sqlite", "manifest.json", ".write.lock"
+STORE_FILE, MANIFEST_FILE, LOCK_FILE = "items.sqlite", "manifest.json", ".write.lock"
 
 
 class ModelMismatch(HistoseekError):
@@ -55,16 +50,6 @@ class Hit:
     id: int
     score: float
     item: Item
-
-
-def faiss_ids(index: faiss.Index) -> np.ndarray:
-    """Every id the FAISS index holds a vector for."""
-    if isinstance(index, faiss.IndexIDMap2):
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    invlists = faiss.extract_index_ivf(index).invlists
-    parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
-             for i in range(invlists.nlist) if invlists.list_size(i)]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def check_model(manifest: dict, name: str, served_sha256: str | None, served_dim: int) -> None:
@@ -85,99 +70,55 @@ def check_model(manifest: dict, name: str, served_sha256: str | None, served_dim
         )
 
 
-@dataclass(frozen=True)
-class _Snapshot:
-    faiss: faiss.Index  # on the GPUs when faiss-gpu sees any
-    signature: tuple
-    dead: int  # vectors without a row (HNSW tombstones): how far to over-fetch
-    code_bytes: int  # per item, read from the CPU index (a GPU copy does not tell)
-
-
 class IndexFolder:
     """An index folder opened for searching and editing; safe to share between threads."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.name = self.path.name
-        missing = [f for f in (FAISS_FILE, STORE_FILE, MANIFEST_FILE) if not (self.path / f).is_file()]
+        missing = [f for f in (STORE_FILE, MANIFEST_FILE) if not (self.path / f).is_file()]
         if missing:
             raise HistoseekError(f"{self.path} is not an index folder (it lacks {', '.join(missing)}); "
                                  "build one with `histoseek index build`")
         self.store = Store(self.path / STORE_FILE)
-        self._reload_lock = threading.Lock()
-        if self._needs_repair(self._load()):
+        self._manifest = _read_manifest(self.path)
+        self.backend: VectorBackend = open_backend(self.path, self._manifest, self.store)
+        try:
+            needs_repair = self._needs_repair()
+        except BackendUnavailable as exc:
+            # Searches answer 503 until it is back; the check runs again before every write.
+            log.warning("%s: cannot check the vectors now: %s", self.path, exc)
+            needs_repair = False
+        if needs_repair:
             with self._write_lock():
-                self._install(self._load_for_write(save=True))
-                self._update_manifest()
+                self._repair()
 
     @property
     def manifest(self) -> dict:
         return self._manifest
 
-    # -- reading ---------------------------------------------------------------------------
+    def check_available(self) -> None:
+        """Raise BackendUnavailable when the vectors' store cannot be reached."""
+        self.backend.check_available()
 
-    def _signature(self) -> tuple:
-        stat = os.stat(self.path / FAISS_FILE)
-        return self.store.signature(), stat.st_ino, stat.st_mtime_ns, stat.st_size
+    def close(self) -> None:
+        self.backend.close()
 
-    def _read(self) -> faiss.Index:
-        self._manifest = _read_manifest(self.path)
-        index = faiss.read_index(str(self.path / FAISS_FILE))
-        return apply_search_params(index, self._manifest["index_type"], self._manifest["index_params"])
-
-    def _load(self) -> faiss.Index:
-        """Read the folder into a new snapshot; returns the CPU index read."""
-        # The signature is read before the files: a snapshot may be newer than its
-        # signature (then it is reloaded once more), never older.
-        signature = self._signature()
-        index = self._read()
-        self._snapshot = self._snapshot_of(index, signature)
-        return index
-
-    def _install(self, index: faiss.Index) -> None:
-        """Searches see `index`, just edited and saved by this process."""
-        self._snapshot = self._snapshot_of(index, self._signature())
-
-    def _snapshot_of(self, index: faiss.Index, signature: tuple) -> _Snapshot:
-        return _Snapshot(searchable_copy(index, self._manifest["index_type"]), signature,
-                         max(0, index.ntotal - self.store.count()), code_bytes_per_item(index))
-
-    def snapshot(self) -> _Snapshot:
-        """The current in-memory index, reloaded first if the folder changed on disk."""
-        snapshot = self._snapshot
-        if snapshot.signature != self._signature():
-            with self._reload_lock:
-                if self._snapshot.signature != self._signature():
-                    self._load()
-                snapshot = self._snapshot
-        return snapshot
-
-    def search(self, vectors: np.ndarray, k: int, exclude_groups: list[str] | None = None) -> list[list[Hit]]:
-        """The k best live items per query vector, skipping each query's own group if given."""
+    def search(self, vectors: np.ndarray, k: int,
+               where: ItemFilter | Sequence[ItemFilter | None] | None = None) -> list[list[Hit]]:
+        """The k best items per query vector among those `where` admits (one filter for all
+        queries, or one per query), best first."""
         if k < 1:
             raise HistoseekError(f"k must be at least 1, got {k}")
-        snapshot = self.snapshot()
-        index, total = snapshot.faiss, snapshot.faiss.ntotal
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        results: list[list[Hit]] = [[] for _ in range(len(vectors))]
-        extra = snapshot.dead + (self.store.largest_group() if exclude_groups else 0)
-        fetch, pending = min(total, k + extra), list(range(len(vectors)))
-        # Rowless vectors and the query's group are filtered out after the search; when
-        # that leaves fewer than k, search again deeper (rare: the over-fetch covers both).
-        while pending and fetch > 0:
-            params = search_parameters(self._manifest["index_type"], self._manifest["index_params"], fetch)
-            scores, ids = index.search(vectors[pending], fetch, params=params)
-            items = self.store.lookup(ids[ids >= 0])
-            unfinished = []
-            for row, query in enumerate(pending):
-                skip = exclude_groups[query] if exclude_groups else None
-                hits = [Hit(int(i), float(s), items[i]) for i, s in zip(ids[row], scores[row])
-                        if i in items and items[i].group != skip]
-                results[query] = hits[:k]
-                if len(hits) < k and fetch < total:
-                    unfinished.append(query)
-            pending, fetch = unfinished, min(total, fetch * 2)
-        return results
+        filters = list(where) if isinstance(where, (list, tuple)) else [where] * len(vectors)
+        if len(filters) != len(vectors):
+            raise HistoseekError(f"{len(vectors)} query vectors need as many filters, got {len(filters)}")
+        scores, ids = self.backend.search(vectors, k, filters)
+        items = self.store.lookup(ids[ids >= 0])
+        # A hit without a row was removed between the search and the look-up.
+        return [[Hit(int(i), float(s), items[i]) for i, s in zip(row_ids, row_scores) if i in items]
+                for row_ids, row_scores in zip(ids, scores)]
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -191,40 +132,23 @@ class IndexFolder:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _needs_repair(self, index: faiss.Index) -> bool:
-        held, rows = set(faiss_ids(index).tolist()), set(self.store.ids().tolist())
-        removable = self._manifest["index_type"] != "hnsw"
-        return (bool(rows - held) or (removable and bool(held - rows)) or self._manifest.get("count") != len(rows)
-                or any(self.path.glob(".*.tmp")))
+    def _needs_repair(self) -> bool:
+        rows = self.store.ids()
+        return self.backend.needs_repair(rows) or self._manifest.get("count") != len(rows)
 
-    def _load_for_write(self, save: bool = False) -> faiss.Index:
-        """A fresh copy of the on-disk index, repaired; readers keep their snapshot meanwhile."""
-        # Temporary files of a killed writer (each may be a whole copy of index.faiss); any
-        # live writer would hold the lock we hold.
-        for stale in self.path.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        index = self._read()  # never a snapshot: another process may have written since
-        held, rows = faiss_ids(index), self.store.ids()
-        lost = np.setdiff1d(rows, held)
-        if len(lost):
-            log.warning("%s: dropping %d items whose vectors are missing from %s", self.path, len(lost), FAISS_FILE)
-            self.store.delete(lost.tolist())
-        orphans = np.setdiff1d(held, rows)
-        if len(orphans) and self._manifest["index_type"] != "hnsw":
-            log.warning("%s: removing %d vectors left by an interrupted write", self.path, len(orphans))
+    def _repair(self) -> None:
+        """Bring backend and store back to the invariant (under the write lock)."""
+        rows = self.store.ids()
+        orphans = np.setdiff1d(self.backend.held_ids(), rows)
+        if len(orphans):
             # Their ids are never handed out again: a reader's older snapshot may still hold
             # these vectors, and must not find a new item's row under their ids.
             self.store.reserve_ids(int(orphans.max()) + 1)
-            index.remove_ids(orphans)
-            if save:
-                self._save_faiss(index)
-        return index
-
-    def _save_faiss(self, index: faiss.Index) -> None:
-        with temporary_path(self.path / FAISS_FILE) as tmp:
-            faiss.write_index(index, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        lost = self.backend.repair(rows)
+        if len(lost):
+            log.warning("%s: dropping %d items whose vectors are missing", self.path, len(lost))
+            self.store.delete(lost.tolist())
+        self._update_manifest()
 
     def _update_manifest(self) -> None:
         self._manifest = {**self._manifest, "count": self.store.count(),
@@ -238,45 +162,34 @@ class IndexFolder:
             raise HistoseekError(f"{len(items)} items need {len(items)} thumbnails and embeddings shaped "
                                  f"[{len(items)}, {self._manifest['dimension']}], got {list(embeddings.shape)}")
         with self._write_lock():
-            index = self._load_for_write()
-            held = faiss_ids(index)
-            first = max(self.store.next_id(), int(held.max()) + 1 if len(held) else 0)
-            ids = np.arange(first, first + len(items), dtype=np.int64)
-            index.add_with_ids(embeddings, ids)
-            self._save_faiss(index)
-            self.store.insert([replace(item, id=int(i)) for item, i in zip(items, ids)], thumbnails)
+            if self._needs_repair():
+                self._repair()
+            first = max(self.store.next_id(), self.backend.first_free_id())
+            items = [replace(item, id=first + n) for n, item in enumerate(items)]
+            self.backend.add(embeddings, items)
+            self.store.insert(items, thumbnails)
             self._update_manifest()
-            self._install(index)
-        return ids.tolist()
+        return [item.id for item in items]
 
     def remove(self, ids: list[int]) -> int:
         """Remove items by id; returns how many existed."""
         with self._write_lock():
-            index = self._load_for_write()
+            if self._needs_repair():
+                self._repair()
             removed = self.store.delete(ids)
-            if not removed:
-                return 0
-            if self._manifest["index_type"] != "hnsw":
-                index.remove_ids(np.asarray(ids, dtype=np.int64))
-                self._save_faiss(index)
-            self._update_manifest()
-            self._install(index)
+            if removed:
+                self.backend.remove(np.asarray(ids, dtype=np.int64))
+                self._update_manifest()
         return removed
 
     def info(self) -> dict:
-        snapshot = self.snapshot()
-        index = snapshot.faiss
-        count = self.store.count()
-        index_bytes = (self.path / FAISS_FILE).stat().st_size
         files = [p for p in self.path.iterdir() if p.is_file()]
         return {
-            "name": self.name, "path": str(self.path),
+            "name": self.name, "path": str(self.path), "backend": self._manifest.get("backend", "faiss"),
             **{key: self._manifest.get(key) for key in
                ("encoder", "model_sha256", "model_version", "dimension", "metric", "index_type",
                 "index_params", "input_size", "created")},
-            "count": count, "vectors": int(index.ntotal), "tombstones": max(0, index.ntotal - count),
-            "code_bytes_per_item": snapshot.code_bytes,
-            "index_bytes_per_item": round(index_bytes / max(1, index.ntotal), 1),
+            "count": self.store.count(), **self.backend.info(),
             "size_on_disk_bytes": sum(p.stat().st_size for p in files),
         }
 
@@ -288,32 +201,19 @@ def _read_manifest(path: Path) -> dict:
         raise HistoseekError(f"cannot read {path / MANIFEST_FILE} ({exc}); rebuild the index") from exc
 
 
-# -- the functions the CLI calls -----------------------------------------------------------
-
-def build_index(encoder: str, data: Path, out: Path, *, index_type: str = "flat",
-                triton_url: str = "localhost:8001", protocol: str = "grpc", batch: int = 32,
-                params: dict | None = None, repo: Path = Path("model_repository")) -> Path:
-    """Embed a dataset folder through Triton and write the index folder `out` atomically."""
-    from server.build import build  # server.build imports this module
-
-    return build(encoder, Path(data), Path(out), index_type=index_type, triton_url=triton_url,
-                 protocol=protocol, batch=batch, params=params, repo=Path(repo))
-
-
-def add_items(index_dir: Path, source: Path | list[Path], *, label: str | None = None, group: str | None = None,
-              triton_url: str = "localhost:8001", protocol: str = "grpc", batch: int = 32) -> list[int]:
-    """Add a dataset folder (labels from it) or image files (all labelled `label`); the new ids."""
-    from server.build import add_files  # server.build imports this module
-
-    return add_files(IndexFolder(Path(index_dir)), source, label=label, group=group,
-                     triton_url=triton_url, protocol=protocol, batch=batch)
-
-
 def remove_items(index_dir: Path, ids: list[int]) -> int:
     """Remove items by id; returns how many there were."""
-    return IndexFolder(Path(index_dir)).remove(ids)
+    folder = IndexFolder(Path(index_dir))
+    try:
+        return folder.remove(ids)
+    finally:
+        folder.close()
 
 
 def index_info(index_dir: Path) -> dict:
-    """Encoder, model checksum, type, counts, bytes per item and size on disk."""
-    return IndexFolder(Path(index_dir)).info()
+    """Encoder, model checksum, backend, type, counts, bytes per item and size on disk."""
+    folder = IndexFolder(Path(index_dir))
+    try:
+        return folder.info()
+    finally:
+        folder.close()

@@ -22,6 +22,7 @@ from histoseek.metrics import majority_label
 from server.admission import Stopped
 from server.embedder import Embedder
 from server.image_cost import check_scans
+from server.filters import ItemFilter
 from server.index import Hit, IndexFolder, ModelMismatch, check_model
 from server.store import thumbnail_jpeg
 
@@ -98,9 +99,11 @@ class SearchCore:
         self.verify_model()
         return self.embedder.embed(images)
 
-    def search(self, data: bytes, k: int, name: str = "image", check: Check = _never) -> SearchOutcome:
-        """Search with one uploaded image; timings of each stage in milliseconds. `check` is
-        called between the stages (and inside the decode) and may raise to stop."""
+    def search(self, data: bytes, k: int, name: str = "image", check: Check = _never,
+               where: ItemFilter | None = None) -> SearchOutcome:
+        """Search with one uploaded image among the items `where` admits; timings of each stage
+        in milliseconds. `check` is called between the stages (and inside the decode) and may
+        raise to stop."""
         marks = [time.perf_counter()]
         image = self.decode(data, name, check)
         marks.append(time.perf_counter())
@@ -111,16 +114,17 @@ class SearchCore:
         embedding = self.embed(model_input[None])
         check()
         marks.append(time.perf_counter())
-        hits = self.folder.search(embedding, k)[0]
+        hits = self.folder.search(embedding, k, where)[0]
         marks.append(time.perf_counter())
         stages = ("decode", "preprocess", "embed", "search")
         timings = {stage: (b - a) * 1000 for stage, a, b in zip(stages, marks, marks[1:])}
         timings["total"] = (marks[-1] - marks[0]) * 1000
         return SearchOutcome(hits, majority_label([h.item.label for h in hits]), timings)
 
-    def search_batch(self, images: np.ndarray, k: int, exclude_groups: list[str] | None = None) -> list[list[Hit]]:
-        """Search with preprocessed images (uint8 [N, S, S, 3]), skipping each query's group."""
-        return self.folder.search(self.embed(images), k, exclude_groups)
+    def search_batch(self, images: np.ndarray, k: int,
+                     where: ItemFilter | list[ItemFilter | None] | None = None) -> list[list[Hit]]:
+        """Search with preprocessed images (uint8 [N, S, S, 3]); one filter for all, or one each."""
+        return self.folder.search(self.embed(images), k, where)
 
     def prepare_item(self, data: bytes, name: str = "image", check: Check = _never) -> tuple[np.ndarray, bytes]:
         """The embedding and stored thumbnail of an image to add to the index."""

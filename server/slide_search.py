@@ -24,6 +24,7 @@ from PIL import Image
 from histoseek.errors import HistoseekError
 from histoseek.imaging import resize_and_crop
 from histoseek.metrics import majority_label
+from server.filters import ItemFilter
 from server.search import SearchCore
 from server.store import SlideRecord
 
@@ -152,7 +153,7 @@ class SlideSearch:
                                   for i in range(0, len(inputs), EMBED_BATCH)])
         check()
         marks.append(time.perf_counter())
-        hits = self.core.folder.search(vectors, self.neighbours, [own] * len(vectors) if own else None)
+        hits = self.core.folder.search(vectors, self.neighbours, ItemFilter(exclude_groups=(own,)) if own else None)
         scores = np.full((len(hits), self.neighbours), -np.inf, np.float32)
         codes = np.full((len(hits), self.neighbours), -1, np.int64)
         names: dict[str, int] = {}

@@ -233,17 +233,15 @@ class Store:
         rows = self._connection().execute("SELECT id FROM items")
         return np.array([row[0] for row in rows], dtype=np.int64)
 
+    def filter_columns(self) -> list[tuple[int, str, str, str]]:
+        """(id, label, group, source) of every row: what search filters look at."""
+        return self._connection().execute('SELECT id, label, "group", source FROM items').fetchall()
+
     def count(self) -> int:
         return int(self._connection().execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
     def labels(self) -> list[str]:
         return [row[0] for row in self._connection().execute("SELECT DISTINCT label FROM items ORDER BY label")]
-
-    def largest_group(self) -> int:
-        """Items in the biggest group: how far a search must over-fetch to skip one group."""
-        row = self._connection().execute(
-            'SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM items GROUP BY "group")').fetchone()
-        return int(row[0] or 0)
 
 
 class _Closer:

@@ -11,7 +11,7 @@ import pytest
 from export.export_checkpoint import export_checkpoint
 from histoseek.dataset import read_dataset
 from server import triton
-from server.build import build
+from server.build import build_index
 from server.embedder import Embedder
 from server.index import IndexFolder
 from server.search import SearchCore
@@ -52,7 +52,7 @@ def test_encoder_trains_exports_serves_indexes_and_searches(name, served_encoder
     if name in failures:
         pytest.fail(f"{name} failed to train or export:\n{failures[name]}")
     url = f"localhost:{info.grpc_port}"
-    index_dir = build(name, synth_data, tmp_path / "index", index_type="flat", triton_url=url, protocol="grpc",
+    index_dir = build_index(name, synth_data, tmp_path / "index", index_type="flat", triton_url=url, protocol="grpc",
                       batch=8)
     core = SearchCore(IndexFolder(index_dir), Embedder(url, name, "grpc"))
     dataset = read_dataset(synth_data)
@@ -74,7 +74,7 @@ def test_encoder_trains_exports_serves_indexes_and_searches(name, served_encoder
 
     if get_encoder(name).output_kind == "pq_descriptor":
         # SPQ: the database stored as the codes SPQ learnt, in an IndexPQ built from its codebooks.
-        pq_dir = build(name, synth_data, tmp_path / "pq", index_type="pq", triton_url=url, protocol="grpc", batch=8,
+        pq_dir = build_index(name, synth_data, tmp_path / "pq", index_type="pq", triton_url=url, protocol="grpc", batch=8,
                        repo=repo)
         folder = IndexFolder(pq_dir)
         assert folder.manifest["index_params"]["codebooks"] == "encoder"

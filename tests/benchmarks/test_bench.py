@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.commands import bench_encoders_command, bench_search_command
-from server.index import build_index
+from server.build import build_index
 
 pytestmark = pytest.mark.slow  # exports a model and starts Triton and the API
 

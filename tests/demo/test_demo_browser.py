@@ -78,6 +78,28 @@ def test_search_shows_ranked_results(page, search_api, launch_demo, synth_data, 
     print(f"screenshot: {screenshot}")
 
 
+def test_label_filter_returns_only_items_of_the_chosen_label(page, search_api, launch_demo, synth_data):
+    dataset = read_dataset(synth_data)
+    query = dataset.items[0]
+    other = sorted(set(dataset.labels) - {query.label})[0]  # the query's own label is filtered out
+
+    page.goto(launch_demo(search_api))
+    expect(page.locator("#index-dropdown input")).to_have_value(re.compile("^synth"), timeout=TIMEOUT_MS)
+    _upload(page, dataset.absolute(query))
+    _set_k(page, 6)
+    choice = page.locator("#label-filter input")
+    choice.click()
+    page.get_by_role("option", name=other, exact=True).click(timeout=TIMEOUT_MS)  # offered from /v1/indexes
+    page.keyboard.press("Escape")
+    page.click("#search-button")
+    items = page.locator("#results-gallery .gallery-item")
+    expect(items).to_have_count(6, timeout=TIMEOUT_MS)
+    captions = page.locator("#results-gallery .caption-label").all_inner_texts()
+    found = [CAPTION.match(text.strip())[2] for text in captions]
+    assert found == [other] * 6, captions
+    assert f"6 results labelled {other}" in page.inner_text("#status")
+
+
 def test_api_down_shows_a_readable_error(page, launch_demo, synth_data):
     from server.triton import free_port
 

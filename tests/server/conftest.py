@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.app import Settings, create_app
-from server.index import build_index
+from server.build import build_index
 from tests.servers import served_in_thread
 
 

@@ -223,3 +223,39 @@ def test_no_indexes_is_not_ready(tmp_path, triton_server):
     with TestClient(create_app(tmp_path, triton_server.grpc_url)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "no index folders" in ready.json()["error"]
+
+
+# -- metadata filters -------------------------------------------------------------------------
+
+def _search(client, path, **data) -> httpx.Response:
+    return client.post("/v1/search", files={"image": ("q.png", path.read_bytes(), "image/png")}, data=data)
+
+
+def test_search_filters_by_label_and_leaves_out_the_querys_group(client, synth_data):
+    query = synth_data / "stroma" / "stroma_0003.png"
+    body = _search(client, query, k="6", labels=["tumour", "lymphocytes"]).json()
+    assert body["filter"] == {"labels": ["tumour", "lymphocytes"]}
+    assert len(body["results"]) == 6 and {r["label"] for r in body["results"]} <= {"tumour", "lymphocytes"}
+    assert [r["rank"] for r in body["results"]] == list(range(1, 7))
+
+    own = _search(client, query, k="5").json()["results"][0]["group"]  # the query itself is indexed
+    body = _search(client, query, k="5", query_group=own).json()
+    assert body["filter"] == {"exclude_groups": [own]}
+    assert len(body["results"]) == 5 and own not in {r["group"] for r in body["results"]}
+    assert body["results"][0]["score"] < 0.999  # no longer the query's own tile
+
+    every_stroma = _search(client, query, k="50", labels="stroma").json()["results"]
+    expected = [r["id"] for r in every_stroma if r["group"] != own][:5]  # the same ranking, own group left out
+    body = _search(client, query, k="5", labels="stroma", exclude_groups=own, exclude_sources="nothing").json()
+    assert [r["id"] for r in body["results"]] == expected and {r["label"] for r in body["results"]} == {"stroma"}
+    assert _search(client, query, k="5", labels="no such label").json()["results"] == []
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"labels": ""}, "blank"),
+    ({"labels": [f"l{i}" for i in range(101)]}, "more than 100"),
+    ({"exclude_groups": "a\x00b"}, "control character"),
+    ({"query_group": "x" * 300}, "characters long"),
+])
+def test_hostile_filters_get_422_with_a_message(client, synth_data, data, message):
+    assert_json_error(_search(client, synth_data / "stroma" / "stroma_0003.png", k="5", **data), 422, message)

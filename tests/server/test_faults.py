@@ -21,7 +21,9 @@ from PIL import Image
 
 from server import triton
 from server.app import Settings
-from server.index import FAISS_FILE, MANIFEST_FILE, STORE_FILE, IndexFolder, build_index, faiss_ids
+from server.backends.faiss_backend import FAISS_FILE, faiss_ids
+from server.build import build_index
+from server.index import MANIFEST_FILE, STORE_FILE, IndexFolder
 from server.store import Item
 from tests.images import png
 from tests.servers import start_api_process
@@ -145,12 +147,12 @@ def test_a_killed_adds_ids_never_name_a_later_item(tissue_copy):
     index = faiss.read_index(str(index_dir / FAISS_FILE))
     index.add_with_ids(old[None], np.array([24]))  # an add killed after its vector was written
     faiss.write_index(index, str(index_dir / FAISS_FILE))
-    snapshot = api.snapshot()  # holds the rowless vector 24
+    snapshot = api.backend.snapshot()  # holds the rowless vector 24
 
     (added,) = IndexFolder(index_dir).add(new[None], [Item(-1, "new.png", "new", "g")], [b"jpeg"])
     # A search that took its snapshot just before the add finds `old` under id 24; the row
     # it then looks up must not be the new item, whose vector is another.
-    ids = snapshot.faiss.search(old[None], 1)[1][0]
+    ids = snapshot.cpu.search(old[None], 1)[1][0]
     assert ids[0] == 24 and added > 24 and api.store.lookup(ids) == {}
 
 

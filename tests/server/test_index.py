@@ -16,8 +16,9 @@ from export.repository import model_checksum
 from histoseek.errors import HistoseekError
 from histoseek.imaging import load_model_input
 from server.embedder import Embedder
-from server.index import (FAISS_FILE, MANIFEST_FILE, IndexFolder, ModelMismatch, add_items, build_index,
-                          index_info, remove_items)
+from server.backends.faiss_backend import FAISS_FILE
+from server.build import add_items, build_index
+from server.index import MANIFEST_FILE, IndexFolder, ModelMismatch, index_info, remove_items
 from server.index_types import new_faiss_index
 from server.search import SearchCore
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.index import IndexFolder, build_index
+from server.build import build_index
+from server.index import IndexFolder
 from server.slide_search import rank_slides
 from server.store import Item, Store
 from tests.servers import assert_json_error
