@@ -47,6 +47,7 @@ FAISS_FILE = "index.faiss"
 # (~50k x 128 dimensions: a few ms); beyond, the graph search with a beam widened by the
 # filter's share (recall measured by `histoseek bench scale`).
 HNSW_EXACT_MAX_ITEMS = 50_000
+ALLOWED_CACHE_BYTES = 64 << 20  # the allowed ids of recent filters a snapshot keeps (8 bytes per id)
 
 
 def faiss_ids(index: faiss.Index) -> np.ndarray:
@@ -99,6 +100,7 @@ class _Snapshot:
     held: np.ndarray | None = None  # ids with a vector, sorted; read on first need
     catalogs: dict = field(default_factory=dict)  # store signature -> _Catalog (one kept)
     rows: tuple = ((), -1)  # (store signature, its row count)
+    allowed: dict = field(default_factory=dict)  # (store signature, filter) -> allowed ids with a vector
 
     def held_ids(self) -> np.ndarray:
         if self.held is None:
@@ -189,11 +191,21 @@ class FaissBackend(VectorBackend):
                 params = search_parameters(self.index_type, self.params, k)
                 found = snapshot.searchable.search(vectors[rows], k, params=params)
             else:
-                allowed = np.intersect1d(self._catalog(snapshot).allowed(where), snapshot.held_ids(),
-                                         assume_unique=True)
-                found = self._search_allowed(snapshot, vectors[rows], k, allowed)
+                found = self._search_allowed(snapshot, vectors[rows], k, self._allowed(snapshot, where))
             scores[rows], ids[rows] = found
         return scores, ids
+
+    def _allowed(self, snapshot: _Snapshot, where: ItemFilter | None) -> np.ndarray:
+        """Sorted ids that `where` admits and that have a vector; the last few filters' are
+        kept, as a user paging through results or a demo's label filter repeats them."""
+        key = (self.store.signature(), where)
+        allowed = snapshot.allowed.get(key)
+        if allowed is None:
+            allowed = np.intersect1d(self._catalog(snapshot).allowed(where), snapshot.held_ids(), assume_unique=True)
+            snapshot.allowed[key] = allowed
+            while sum(a.nbytes for a in snapshot.allowed.values()) > ALLOWED_CACHE_BYTES and len(snapshot.allowed) > 1:
+                snapshot.allowed.pop(next(iter(snapshot.allowed)))  # the oldest
+        return allowed
 
     def _search_allowed(self, snapshot: _Snapshot, queries: np.ndarray, k: int,
                         allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
