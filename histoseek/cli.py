@@ -315,6 +315,15 @@ def cmd_search_slide(args: argparse.Namespace) -> None:
         print(f"{r['rank']:3d}. {r['slide']}  {r['label']}  score {r['score']:.4f}  {where}")
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> None:
+    from benchmarks.bench_scale import bench_scale_command
+
+    print(bench_scale_command(checkpoint=args.checkpoint, data=args.data, items=args.items, queries=args.queries,
+                              workers=args.workers, faiss_types=args.faiss_types.split(","),
+                              milvus_types=[t for t in args.milvus_types.split(",") if t],
+                              workdir=args.workdir, results=args.results))
+
+
 def cmd_bench_slides(args: argparse.Namespace) -> None:
     from benchmarks.bench_slides import bench_slides_command
 
@@ -594,6 +603,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("work/bench_slides"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.set_defaults(func=cmd_bench_slides)
+
+    p = bench.add_parser("scale", help="embedding single-process vs Ray; FAISS vs Milvus Lite at 100k items, "
+                                       "filtered searches; a 10^9-tile sizing")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a fine-tuned checkpoint folder to embed with")
+    p.add_argument("--data", type=Path, default=Path("demo/collection/kather2016"),
+                   help="real tiles (a dataset folder): embedded for the throughput rows; the collection is "
+                        "sampled around their vectors, and some of them are the queries")
+    p.add_argument("--items", type=int, default=100_000, help="items in each index")
+    p.add_argument("--queries", type=int, default=200, help="real tiles held out as queries")
+    p.add_argument("--workers", type=_int_list, default=[1, 2], help="Ray embedding actors to time")
+    p.add_argument("--faiss-types", default="flat,hnsw,ivfpq,pq")
+    p.add_argument("--milvus-types", default="flat,hnsw,ivf_flat,ivf_sq8", help="Milvus Lite index types ('' skips)")
+    p.add_argument("--workdir", type=Path, default=Path("work/bench_scale"))
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.set_defaults(func=cmd_bench_scale)
 
     p = sub.add_parser("encoders", help="list the registered encoders and their specs")
     p.set_defaults(func=cmd_encoders)

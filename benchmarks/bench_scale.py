@@ -1,0 +1,126 @@
+"""`histoseek bench scale`: embedding on Ray against one process, and the index backends at scale.
+
+1. Embedding throughput: `histoseek index build` of the same real tiles through the same
+   Triton, single-process and on a local Ray cluster (started once, `ray start --head`,
+   so that its start-up is not counted) with 1 and 2 embedding actors; the Ray builds'
+   vectors are compared with the single-process build's.
+2. FAISS and Milvus Lite at `--items` items (benchmarks/scale_indexes.py): build time,
+   query p50/p99 and recall@10 per index type, and filtered searches at 1/10/50 %.
+3. A sizing of a 10^9-tile archive from those measured rates (benchmarks/scale_report.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+
+from benchmarks import scale_indexes, scale_report
+from benchmarks.results_files import write_results
+from histoseek.dataset import read_dataset
+from histoseek.errors import HistoseekError
+from server.backends.faiss_backend import FAISS_FILE
+from server.build import build_index
+from server.triton import free_port
+
+log = logging.getLogger(__name__)
+FAISS_TYPES = ("flat", "hnsw", "ivfpq", "pq")
+MILVUS_LITE_TYPES = ("flat", "hnsw", "ivf_flat", "ivf_sq8")
+
+
+@contextmanager
+def local_ray_cluster(cpus: int) -> Iterator[str]:
+    """A one-node Ray cluster in its own processes (as `ray start --head` makes one); its address."""
+    port = free_port()
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
+
+
+def _stored_vectors(index_dir: Path) -> np.ndarray:
+    index = faiss.read_index(str(index_dir / FAISS_FILE))
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def embedding_throughput(encoder: str, data: Path, triton_url: str, repo: Path, workers: list[int],
+                         workdir: Path, cpus: int) -> list[dict]:
+    tiles = len(read_dataset(data))
+    builds = workdir / "throughput"
+    shutil.rmtree(builds, ignore_errors=True)
+
+    def timed(label: str, out: Path, **ray) -> dict:
+        started = time.perf_counter()
+        build_index(encoder, data, out, triton_url=triton_url, repo=repo, batch=32, **ray)
+        seconds = time.perf_counter() - started
+        log.info("%s: %d tiles in %.1f s", label, tiles, seconds)
+        return {"mode": label, "tiles": tiles, "seconds": round(seconds, 1), "tiles_per_s": round(tiles / seconds, 1)}
+
+    rows = [timed("single process", builds / "single")]
+    reference = _stored_vectors(builds / "single")
+    with local_ray_cluster(cpus) as address:
+        for count in workers:
+            out = builds / f"ray_{count}"
+            row = timed(f"Ray, {count} actor{'s' * (count > 1)}", out, ray=address, ray_workers=count)
+            row["max_abs_diff_vs_single"] = float(np.abs(_stored_vectors(out) - reference).max())
+            rows.append(row)
+    return rows
+
+
+def _embeddings(index_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """The vectors of a built flat index and their items' labels, in id order."""
+    from server.index import IndexFolder
+
+    folder = IndexFolder(index_dir)
+    items = folder.store.lookup(range(folder.store.count()))
+    return _stored_vectors(index_dir), [items[i].label for i in sorted(items)]
+
+
+def bench_scale_command(*, checkpoint: Path, data: Path, items: int, queries: int, workers: list[int],
+                        faiss_types: list[str], milvus_types: list[str], workdir: Path, results: Path) -> str:
+    from benchmarks.served_models import running_triton
+    from export.export_checkpoint import export_checkpoint
+    from export.repository import latest_version_dir
+
+    if not (Path(checkpoint) / "encoder.json").is_file():
+        raise HistoseekError(f"--checkpoint {checkpoint} is not a checkpoint folder; train one with "
+                             f"`histoseek train --encoder dml --data DIR --out {checkpoint}`")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = json.loads((Path(checkpoint) / "encoder.json").read_text())
+    name, repo = spec["name"], workdir / "model_repository"
+    if latest_version_dir(repo / name) is None:
+        export_checkpoint(Path(checkpoint), repo, verify_data=Path(data))
+    cpus = max(1, len(__import__("os").sched_getaffinity(0)))
+    report: dict = {"encoder": f"{name} ({spec.get('preset', '')}) from {checkpoint}", "data": str(data),
+                    "settings": {"items": items, "queries": queries, "workers": workers, "cpus": cpus, "k": 10}}
+    with running_triton(repo, workdir / "triton") as info:
+        report["embedding"] = embedding_throughput(name, Path(data), info.grpc_url, repo, workers, workdir, cpus)
+    real, labels = _embeddings(workdir / "throughput" / "single")
+    # Tiles held out of the sampling are the queries: real vectors the collection was not made around.
+    order = np.random.default_rng(1).permutation(len(real))
+    held_out, centres = order[:min(queries, len(real) // 5)], order[min(queries, len(real) // 5):]
+    vectors, item_rows = scale_indexes.collection(real[centres], [labels[i] for i in centres], items)
+    indexes = workdir / "indexes"
+    report["indexes"] = [scale_indexes.measure("faiss", kind, vectors, item_rows, real[held_out], indexes)
+                         for kind in faiss_types]
+    for kind in milvus_types:
+        uri = str(indexes / f"milvus_{kind}.db")
+        shutil.rmtree(uri, ignore_errors=True)
+        report["indexes"].append(scale_indexes.measure("milvus", kind, vectors, item_rows, real[held_out], indexes,
+                                                       milvus_uri=uri))
+    report["sizing"] = scale_report.sizing(report)
+    table = scale_report.markdown(report)
+    write_results(Path(results) / "scale", report, table, lambda path: scale_report.plot(report, path))
+    return table
