@@ -461,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a Milvus collection (--milvus-uri)")
     p.add_argument("--milvus-uri", help="milvus: a local file (Milvus Lite, one process at a time) or "
                                         "http://host:19530 (Milvus server or cluster; token in $MILVUS_TOKEN)")
-    p.add_argument("--collection", help="milvus: the collection's name (default: from the index folder's name)")
+    p.add_argument("--collection", help="milvus: the collections' base name; each build writes <base>_b<build id> and "
+                                        "drops older builds once the new folder is in use (default: "
+                                        "histoseek_<index folder name>)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--m", type=int, help="PQ sub-quantizers (pq, ivfpq) or HNSW links per node")
     p.add_argument("--bits", type=int, help="bits per PQ sub-quantizer (pq, ivfpq; default up to 8)")
