@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,15 +40,39 @@ MILVUS_LITE_TYPES = ("flat", "hnsw", "ivf_flat", "ivf_sq8")
 
 @contextmanager
 def local_ray_cluster(cpus: int) -> Iterator[str]:
-    """A one-node Ray cluster in its own processes (as `ray start --head` makes one); its address."""
+    """A one-node Ray cluster in its own processes (`ray start --head --block`) on loopback;
+    its address. Token authentication is off for it and for this driver: the cluster lives
+    for the benchmark only and listens on 127.0.0.1. It is stopped by killing its process
+    group (`ray stop` would stop every Ray on the machine)."""
+    import ray
+
     port = free_port()
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True)
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                             f"--num-cpus={cpus}", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    address = f"127.0.0.1:{port}"
     try:
-        yield f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:  # up once a driver can join it
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise HistoseekError(f"the local Ray cluster did not start (ray start exited with {head.poll()})")
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+                ray.shutdown()
+                break
+            except ConnectionError:
+                time.sleep(1)
+        yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True)
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
 
 
 def _stored_vectors(index_dir: Path) -> np.ndarray:
@@ -102,7 +128,7 @@ def bench_scale_command(*, checkpoint: Path, data: Path, items: int, queries: in
     name, repo = spec["name"], workdir / "model_repository"
     if latest_version_dir(repo / name) is None:
         export_checkpoint(Path(checkpoint), repo, verify_data=Path(data))
-    cpus = max(1, len(__import__("os").sched_getaffinity(0)))
+    cpus = max(1, len(os.sched_getaffinity(0)))
     report: dict = {"encoder": f"{name} ({spec.get('preset', '')}) from {checkpoint}", "data": str(data),
                     "settings": {"items": items, "queries": queries, "workers": workers, "cpus": cpus, "k": 10}}
     with running_triton(repo, workdir / "triton") as info:
