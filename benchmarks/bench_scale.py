@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +29,7 @@ from benchmarks import scale_indexes, scale_report
 from benchmarks.results_files import write_results
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
+from histoseek.processes import kill_tree
 from server.backends.faiss_backend import FAISS_FILE
 from server.build import build_index
 from server.triton import free_port
@@ -42,17 +43,18 @@ MILVUS_LITE_TYPES = ("flat", "hnsw", "ivf_flat", "ivf_sq8")
 def local_ray_cluster(cpus: int) -> Iterator[str]:
     """A one-node Ray cluster in its own processes (`ray start --head --block`) on loopback;
     its address. Token authentication is off for it and for this driver: the cluster lives
-    for the benchmark only and listens on 127.0.0.1. It is stopped by killing its process
-    group (`ray stop` would stop every Ray on the machine)."""
+    for the benchmark only and listens on 127.0.0.1. It is stopped by killing its processes
+    by pid (`ray stop` would stop every Ray on the machine)."""
     import ray
 
     port = free_port()
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # its own, and short: Ray's socket paths are
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                              f"--num-cpus={cpus}", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                             f"--temp-dir={temp}", "--disable-usage-stats"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -67,8 +69,8 @@ def local_ray_cluster(cpus: int) -> Iterator[str]:
                 time.sleep(1)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+        kill_tree([head])
+        shutil.rmtree(temp, ignore_errors=True)
         if previous is None:
             os.environ.pop("RAY_AUTH_MODE")
         else:
@@ -109,7 +111,10 @@ def _embeddings(index_dir: Path) -> tuple[np.ndarray, list[str]]:
     from server.index import IndexFolder
 
     folder = IndexFolder(index_dir)
-    items = folder.store.lookup(range(folder.store.count()))
+    try:
+        items = folder.store.lookup(range(folder.store.count()))
+    finally:
+        folder.close()
     return _stored_vectors(index_dir), [items[i].label for i in sorted(items)]
 
 
@@ -133,7 +138,11 @@ def bench_scale_command(*, checkpoint: Path, data: Path, items: int, queries: in
                     "settings": {"items": items, "queries": queries, "workers": workers, "cpus": cpus, "k": 10}}
     with running_triton(repo, workdir / "triton") as info:
         report["embedding"] = embedding_throughput(name, Path(data), info.grpc_url, repo, workers, workdir, cpus)
-    real, labels = _embeddings(workdir / "throughput" / "single")
+    single = workdir / "throughput" / "single"
+    # items.sqlite (rows, 128 px JPEG thumbnails) per item: what the folder adds to any backend.
+    tiles = report["embedding"][0]["tiles"]
+    report["catalogue_bytes_per_item"] = round((single / "items.sqlite").stat().st_size / tiles)
+    real, labels = _embeddings(single)
     # Tiles held out of the sampling are the queries: real vectors the collection was not made around.
     order = np.random.default_rng(1).permutation(len(real))
     held_out, centres = order[:min(queries, len(real) // 5)], order[min(queries, len(real) // 5):]

@@ -25,7 +25,8 @@ def sizing(report: dict) -> dict:
             "embedding_node_hours": round(node_hours), "nodes_for_one_week": max(1, round(node_hours / 168)),
             # what one GPU node would have to sustain to embed the archive in a week on 10 of them
             "gpu_rate_needed_10_nodes_one_week": round(ARCHIVE / (10 * 7 * 24 * 3600)),
-            "indexes": indexes}
+            "indexes": indexes, "catalogue_bytes_per_item": report["catalogue_bytes_per_item"],
+            "catalogue_tb": round(report["catalogue_bytes_per_item"] * ARCHIVE / 1e12, 1)}
 
 
 def markdown(report: dict) -> str:
@@ -43,13 +44,15 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["indexes"]:
         filtered = " | ".join(f"{f['p50_ms']:.2f} / {f['recall@10']:.3f}" + (" (short)" if f["short_results"] else "")
+                              + (f" ({f['outside_filter']} outside!)" if f["outside_filter"] else "")
                               for f in r["filtered"])
         size = r.get("index_bytes_per_item") or r.get("code_bytes_per_item") or "–"
         lines.append(f"| {r['backend']} | {r['type']} | {r['build_s']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{r['recall@10']:.3f} | {filtered} | {size} |")
     z = report["sizing"]
     lines += ["", f"### A {z['tiles']:.0e}-tile archive, sized from these measurements", "",
-              f"- Embedding at {z['embedding_rate_per_node']} tiles/s per node (best row above, a 2-core CPU node): "
+              f"- Embedding at {z['embedding_rate_per_node']} tiles/s per node (best row above, a {s['cpus']}-core CPU "
+              "node): "
               f"{z['embedding_node_hours']:,} node-hours, i.e. {z['nodes_for_one_week']:,} such nodes for a week. "
               f"Ten GPU nodes would each have to sustain {z['gpu_rate_needed_10_nodes_one_week']:,} tiles/s to "
               "finish in a week (a requirement, not measured: no GPU here).",
@@ -57,9 +60,13 @@ def markdown(report: dict) -> str:
     for r in z["indexes"]:
         lines.append(f"| {r['backend']} | {r['type']} | {r['bytes_per_item']} | {r['archive_tb']} | "
                      f"{r['nodes_at_256_gib']:,} |")
+    lines += ["", f"The index folder's `items.sqlite` (item rows and 128 px JPEG thumbnails) adds "
+                  f"{z['catalogue_bytes_per_item']:,} bytes per item to every backend: {z['catalogue_tb']} TB for the "
+                  "archive, on disk, not in memory."]
     lines += ["", "Filtered searches admit 1, 10 or 50 % of the items by a `source` field drawn independently of "
                   "the vectors; recall is against an exact search of the admitted items; \"(short)\" marks fewer "
-                  "than k results although k items matched."]
+                  "than k results although k items matched, "(N outside!)" results the filter should have left out (none
+                  here unless marked)."]
     return "\n".join(lines) + "\n"
 
 

@@ -182,9 +182,7 @@ def _milvus_options(args: argparse.Namespace) -> dict:
         if args.milvus_uri or args.collection:
             raise HistoseekError("--milvus-uri and --collection need --backend milvus")
         return {}
-    if not args.milvus_uri:
-        raise HistoseekError("--backend milvus needs --milvus-uri: a local file such as work/milvus.db "
-                             "(Milvus Lite) or http://host:19530 (a Milvus server)")
+    # Without a URI the vectors go to a Milvus Lite database inside the index folder.
     return {"uri": args.milvus_uri, "collection": args.collection}
 
 
@@ -459,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
                    help="where the vectors live: FAISS files in the index folder (default; spq's own codes), "
                         "or a Milvus collection (--milvus-uri)")
-    p.add_argument("--milvus-uri", help="milvus: a local file (Milvus Lite, one process at a time) or "
+    p.add_argument("--milvus-uri", help="milvus: a local path ending in .db (Milvus Lite keeps a folder there; one "
+                                        "process at a time; default: milvus.db inside the index folder) or "
                                         "http://host:19530 (Milvus server or cluster; token in $MILVUS_TOKEN)")
     p.add_argument("--collection", help="milvus: the collections' base name; each build writes <base>_b<build id> and "
                                         "drops older builds once the new folder is in use (default: "

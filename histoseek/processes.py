@@ -1,7 +1,10 @@
-"""`histoseek` subcommands run as child processes, and waiting until a served one answers."""
+"""`histoseek` subcommands run as child processes, waiting until a served one answers, and
+killing a process with everything it started."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,3 +46,30 @@ def _error_of(response: urllib.error.HTTPError) -> str:
         return f"{response.code} {json.loads(body)['error']}"
     except (ValueError, KeyError, TypeError):
         return f"{response.code} {body[:200]}"
+
+
+def descendants(roots: list[int]) -> dict[int, str]:
+    """pid -> command line of every process below `roots`, however deep (Ray's workers start
+    sessions of their own, so a process group does not hold them)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        pid, ppid, args = (line.split(None, 2) + [""])[:3]
+        table[int(pid)] = (int(ppid), args)
+    found, frontier = {}, set(roots)
+    while frontier:
+        children = {pid for pid, (ppid, _) in table.items() if ppid in frontier and pid not in found}
+        found.update({pid: table[pid][1] for pid in children})
+        frontier = children
+    return found
+
+
+def kill_tree(processes: list[subprocess.Popen]) -> None:
+    """SIGKILL these processes and every process below them, then reap them."""
+    for pid in [*descendants([p.pid for p in processes]), *(p.pid for p in processes)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for process in processes:
+        process.wait()

@@ -30,7 +30,6 @@ from server.embedder import Embedder
 from server.fields import text_field
 from server.backends import backend_class
 from server.index import MANIFEST_FILE, STORE_FILE, IndexFolder, check_model
-from server.index_types import check_index_type
 from server.store import Item, SlideRecord, Store, thumbnail_jpeg
 
 log = logging.getLogger(__name__)
@@ -142,14 +141,16 @@ def build_index(encoder: str, data: Path, out: Path, *, index_type: str = "flat"
     if index_type not in store_class.index_types:
         raise HistoseekError(f"the {backend} backend has no index type {index_type!r}; choose one of "
                              f"{', '.join(store_class.index_types)}")
-    if backend == "faiss":
-        check_index_type(index_type, len(dataset))
     _check_output(out, data)
     embedder = ray_embedding.model_source(encoder, ray=ray, workers=ray_workers, engine=ray_engine,
                                           triton_url=triton_url, protocol=protocol, batch=batch, repo=repo)
     spec = embedder.spec()
     sha256, dim = _served_model(embedder)
     codebooks = encoder_codebooks(embedder, repo, sha256) if index_type == "pq" and backend == "faiss" else None
+    asked = {k: v for k, v in (params or {}).items() if v is not None}
+    # Whatever the backend would refuse is refused now, not after the embedding.
+    store_class.validate({"index_type": index_type, "dimension": dim, "index_params": asked},
+                         {**(backend_options or {}), "codebooks": codebooks}, len(dataset))
     paths = [dataset.absolute(item).resolve() for item in dataset.items]
     fingerprint = hashlib.sha256(json.dumps([[str(p), i.label, i.group] for p, i in zip(paths, dataset.items)])
                                  .encode()).hexdigest()
@@ -182,7 +183,7 @@ def build_index(encoder: str, data: Path, out: Path, *, index_type: str = "flat"
         "format": 1, "encoder": encoder, "model_sha256": sha256, "model_version": embedder.version_number(),
         "dimension": dim, "input_size": int(spec["input_size"]), "metric": "inner_product",
         "weights_origin": spec.get("weights_origin", {}), "backend": backend,
-        "index_type": index_type, "index_params": {k: v for k, v in (params or {}).items() if v is not None},
+        "index_type": index_type, "index_params": asked,
         "count": len(items), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": str(data.resolve()),
     }

@@ -1,4 +1,4 @@
-"""Served-path evaluation: retrieval metrics of the running system (Triton + FAISS index).
+"""Served-path evaluation: retrieval metrics of the running system (Triton + the index).
 
 Queries go through the same `SearchCore` as the API (decode, preprocess, Triton, index
 search), not over HTTP, and are scored with histoseek.metrics like the PyTorch-side
@@ -27,6 +27,13 @@ def evaluate_index(index_dir: Path, queries: Path, ks: list[int], triton_url: st
     if not ks or min(ks) < 1:
         raise HistoseekError(f"every k must be at least 1, got {ks}")
     folder = IndexFolder(Path(index_dir))
+    try:
+        return _evaluate(folder, queries, ks, triton_url, protocol, batch)
+    finally:
+        folder.close()
+
+
+def _evaluate(folder: IndexFolder, queries: Path, ks: list[int], triton_url: str, protocol: str, batch: int) -> dict:
     core = SearchCore(folder, Embedder(triton_url, folder.manifest["encoder"], protocol, batch_size=batch))
     core.verify_model(force=True)
     dataset = read_dataset(queries)
@@ -44,7 +51,7 @@ def evaluate_index(index_dir: Path, queries: Path, ks: list[int], triton_url: st
             progress.update(len(items))
     return {
         "encoder": folder.manifest["encoder"], "model_sha256": folder.manifest["model_sha256"],
-        "index": str(index_dir), "index_type": folder.manifest["index_type"], "queries": str(queries),
+        "index": str(folder.path), "index_type": folder.manifest["index_type"], "queries": str(queries),
         "metrics": retrieval_metrics([i.label for i in dataset.items], ranked, ks),
     }
 

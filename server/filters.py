@@ -4,8 +4,9 @@ A filter is applied inside the vector search (FAISS: an IDSelector over the allo
 Milvus: a boolean expression on the collection's scalar fields), never by fetching more
 results and dropping some, so k results come back whenever k items match.
 
-Each list is bounded (count and length of its values, checked before any work) because a
-client sends them: a filter costs at most MAX_VALUES look-ups per field, whatever it says.
+A client's lists are bounded (count and length of their values, checked by `from_lists`
+before any work): a filter it sends costs at most MAX_VALUES look-ups per field. Filters the
+system makes itself (the query's own group in an evaluation) hold stored values as they are.
 """
 from __future__ import annotations
 
@@ -33,11 +34,7 @@ class ItemFilter:
             values = getattr(self, f.name)
             if isinstance(values, str):  # a lone string would read as a list of its characters
                 values = (values,)
-            if len(values) > MAX_VALUES:
-                raise InvalidField(f"filter {f.name} lists {len(values):,} values, more than {MAX_VALUES}")
-            field = f.name.removeprefix("exclude_").removesuffix("s")
-            checked = tuple(dict.fromkeys(text_field(field, str(v), f"filter {f.name}") for v in values))
-            object.__setattr__(self, f.name, checked)
+            object.__setattr__(self, f.name, tuple(dict.fromkeys(str(v) for v in values)))
 
     @property
     def empty(self) -> bool:
@@ -80,11 +77,19 @@ def milvus_expression(where: ItemFilter, columns: dict[str, str]) -> str:
 
 
 def from_lists(**lists: list[str] | None) -> ItemFilter | None:
-    """A filter from optional lists (the API's and the CLI's fields), or None when all are empty."""
+    """A filter from a client's optional lists (the API's and the CLI's fields), each checked
+    like a stored label or group; None when all are empty."""
     unknown = set(lists) - {f.name for f in fields(ItemFilter)}
     if unknown:
         raise InvalidField(f"unknown filter fields {sorted(unknown)}")
-    where = ItemFilter(**{name: tuple(values or ()) for name, values in lists.items()})
+    checked = {}
+    for name, values in lists.items():
+        values = [values] if isinstance(values, str) else list(values or ())
+        if len(values) > MAX_VALUES:
+            raise InvalidField(f"filter {name} lists {len(values):,} values, more than {MAX_VALUES}")
+        field = name.removeprefix("exclude_").removesuffix("s")
+        checked[name] = tuple(text_field(field, str(v), f"filter {name}") for v in values)
+    where = ItemFilter(**checked)
     return None if where.empty else where
 
 

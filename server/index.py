@@ -3,8 +3,10 @@ FAISS's `index.faiss` in the folder, or a Milvus collection), searched and edite
 
 Consistency of add and remove (one writer at a time: an fcntl lock on `.write.lock`):
 - invariant: every item in the store has its vector in the backend; the backend may hold
-  extra vectors, which are never returned (searches are restricted to the store's rows,
-  and results are looked up in the store);
+  extra vectors, which are never returned: FAISS restricts its searches to the store's
+  rows, and every result is looked up in the store; a search that finds a rowless vector
+  (Milvus after a crashed edit) repairs the folder and searches again, so it still
+  returns k results whenever k items match;
 - add: vectors go into the backend first, then the rows are committed to the store in one
   transaction;
 - remove: the rows are deleted from the store first, then the vectors from the backend
@@ -16,12 +18,17 @@ Consistency of add and remove (one writer at a time: an fcntl lock on `.write.lo
   held, so a tombstone or a stale snapshot's vector is never mistaken for a new item.
 manifest.json's `count` is refreshed last (and by a repair) and only informs; the
 store's rows decide.
+
+A rebuild replaces the whole folder (a new items.sqlite with a new build id): an open
+folder notices at its next call and reopens its manifest and backend, so a long-running
+API follows rebuilds made by the CLI.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -81,8 +88,9 @@ class IndexFolder:
             raise HistoseekError(f"{self.path} is not an index folder (it lacks {', '.join(missing)}); "
                                  "build one with `histoseek index build`")
         self.store = Store(self.path / STORE_FILE)
-        self._manifest = _read_manifest(self.path)
-        self.backend: VectorBackend = open_backend(self.path, self._manifest, self.store)
+        self._reopen_lock = threading.Lock()
+        self._retired: list[VectorBackend] = []  # replaced by a rebuild; searches may still hold them
+        self._open()
         try:
             needs_repair = self._needs_repair()
         except BackendUnavailable as exc:
@@ -93,16 +101,39 @@ class IndexFolder:
             with self._write_lock():
                 self._repair()
 
+    def _open(self) -> None:
+        # The build id first: state read after it is never older than the build it names.
+        self._build = self.store.signature()[0]
+        self._manifest = _read_manifest(self.path)
+        self._backend: VectorBackend = open_backend(self.path, self._manifest, self.store)
+
+    def _current(self) -> None:
+        """Reopen manifest and backend if the folder was rebuilt since they were read."""
+        if self.store.signature()[0] != self._build:
+            with self._reopen_lock:
+                if self.store.signature()[0] != self._build:
+                    log.info("%s was rebuilt: reopening it", self.path)
+                    self._retired.append(self._backend)
+                    self._open()
+
     @property
     def manifest(self) -> dict:
+        self._current()
         return self._manifest
+
+    @property
+    def backend(self) -> VectorBackend:
+        self._current()
+        return self._backend
 
     def check_available(self) -> None:
         """Raise BackendUnavailable when the vectors' store cannot be reached."""
         self.backend.check_available()
 
     def close(self) -> None:
-        self.backend.close()
+        for backend in [*self._retired, self._backend]:
+            backend.close()
+        self._retired.clear()
 
     def search(self, vectors: np.ndarray, k: int,
                where: ItemFilter | Sequence[ItemFilter | None] | None = None) -> list[list[Hit]]:
@@ -114,9 +145,16 @@ class IndexFolder:
         filters = list(where) if isinstance(where, (list, tuple)) else [where] * len(vectors)
         if len(filters) != len(vectors):
             raise HistoseekError(f"{len(vectors)} query vectors need as many filters, got {len(filters)}")
-        scores, ids = self.backend.search(vectors, k, filters)
-        items = self.store.lookup(ids[ids >= 0])
-        # A hit without a row was removed between the search and the look-up.
+        for attempt in range(2):
+            scores, ids = self.backend.search(vectors, k, filters)
+            items = self.store.lookup(ids[ids >= 0])
+            if attempt or all(int(i) in items for i in ids[ids >= 0].tolist()):
+                break
+            # A hit without a row: removed by a writer since the search (then the repair finds
+            # nothing to do), or a vector a crashed edit left behind: repair, search again.
+            with self._write_lock():
+                if self._needs_repair():
+                    self._repair()
         return [[Hit(int(i), float(s), items[i]) for i, s in zip(row_ids, row_scores) if i in items]
                 for row_ids, row_scores in zip(ids, scores)]
 
@@ -158,13 +196,13 @@ class IndexFolder:
     def add(self, embeddings: np.ndarray, items: list[Item], thumbnails: list[bytes]) -> list[int]:
         """Add items (their `id` is ignored) with their embeddings; returns the new ids."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        if embeddings.shape != (len(items), self._manifest["dimension"]) or len(thumbnails) != len(items):
+        if embeddings.shape != (len(items), self.manifest["dimension"]) or len(thumbnails) != len(items):
             raise HistoseekError(f"{len(items)} items need {len(items)} thumbnails and embeddings shaped "
-                                 f"[{len(items)}, {self._manifest['dimension']}], got {list(embeddings.shape)}")
+                                 f"[{len(items)}, {self.manifest['dimension']}], got {list(embeddings.shape)}")
         with self._write_lock():
             if self._needs_repair():
                 self._repair()
-            first = max(self.store.next_id(), self.backend.first_free_id())
+            first = self.backend.first_free_id(self.store.next_id())
             items = [replace(item, id=first + n) for n, item in enumerate(items)]
             self.backend.add(embeddings, items)
             self.store.insert(items, thumbnails)
@@ -183,10 +221,11 @@ class IndexFolder:
         return removed
 
     def info(self) -> dict:
-        files = [p for p in self.path.iterdir() if p.is_file()]
+        manifest = self.manifest
+        files = [p for p in self.path.rglob("*") if p.is_file()]  # a Milvus Lite database inside is a folder
         return {
-            "name": self.name, "path": str(self.path), "backend": self._manifest.get("backend", "faiss"),
-            **{key: self._manifest.get(key) for key in
+            "name": self.name, "path": str(self.path), "backend": manifest.get("backend", "faiss"),
+            **{key: manifest.get(key) for key in
                ("encoder", "model_sha256", "model_version", "dimension", "metric", "index_type",
                 "index_params", "input_size", "created")},
             "count": self.store.count(), **self.backend.info(),

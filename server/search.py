@@ -1,4 +1,5 @@
-"""The search core: image bytes -> decode -> preprocess -> Triton embedding -> FAISS search.
+"""The search core: image bytes -> decode -> preprocess -> Triton embedding -> index search
+(FAISS or Milvus, filtered inside the search).
 
 The API (server/app.py) and the served-path evaluation (server/evaluate_served.py) both
 go through `SearchCore`, so what is evaluated is exactly what is served. The core also

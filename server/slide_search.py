@@ -206,9 +206,12 @@ def search_slide_command(index_dir: Path, *, slide: Path | None, slide_id: str |
     if k < 1:
         raise HistoseekError(f"-k must be at least 1, got {k}")
     folder = IndexFolder(Path(index_dir))
-    searcher = SlideSearch(SearchCore(folder, Embedder(triton_url, folder.manifest["encoder"], protocol)))
-    if slide_id is not None:
-        outcome = searcher.query_by_id(slide_id, k)
-    else:
-        outcome = searcher.query_by_file(Path(slide), k, slide_mpp=slide_mpp)
+    try:
+        searcher = SlideSearch(SearchCore(folder, Embedder(triton_url, folder.manifest["encoder"], protocol)))
+        if slide_id is not None:
+            outcome = searcher.query_by_id(slide_id, k)
+        else:
+            outcome = searcher.query_by_file(Path(slide), k, slide_mpp=slide_mpp)
+    finally:
+        folder.close()
     return outcome_json(outcome, folder.name)

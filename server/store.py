@@ -1,7 +1,8 @@
 """items.sqlite: what an index knows about each vector (source, label, group, thumbnail).
 
-The store is the truth about which items exist: a vector in index.faiss without a row
-here is never returned (see server/index.py for why such vectors can exist).
+The store is the truth about which items exist: a vector in the backend (index.faiss or a
+Milvus collection) without a row here is never returned (see server/index.py for why such
+vectors can exist).
 
 Each thread keeps its own connection (sqlite connections cannot be shared between the
 API's worker threads, and opening one costs ~0.4 ms, more than a small search), and
@@ -12,7 +13,8 @@ rollback one, not WAL: writes are rare and short, and the folder then holds only
 files, so it can be copied whenever no write is running.
 
 The `meta` table holds `build_id` (new for every build) and `generation` (bumped by every
-commit), so a reader learns with one tiny query whether its in-memory FAISS index is stale.
+commit), so a reader learns with one tiny query whether what it holds in memory (a FAISS
+index, filter tables) is stale.
 """
 from __future__ import annotations
 
@@ -234,8 +236,10 @@ class Store:
         return np.array([row[0] for row in rows], dtype=np.int64)
 
     def filter_columns(self) -> list[tuple[int, str, str, str]]:
-        """(id, label, group, source) of every row: what search filters look at."""
-        return self._connection().execute('SELECT id, label, "group", source FROM items').fetchall()
+        """(id, label, group, source) of every row: what search filters look at. The source is
+        the one results show: the path an item was read from when it names none."""
+        return self._connection().execute(
+            "SELECT id, label, \"group\", CASE WHEN source != '' THEN source ELSE path END FROM items").fetchall()
 
     def count(self) -> int:
         return int(self._connection().execute("SELECT COUNT(*) FROM items").fetchone()[0])

@@ -83,18 +83,22 @@ class VectorBackend(ABC):
     def remove(self, ids: np.ndarray) -> None:
         """Remove the vectors of these ids (ids without a vector are ignored)."""
 
+    @abstractmethod
     def needs_repair(self, rows: np.ndarray) -> bool:
-        """Whether the vectors held differ from the store's rows `rows` (checked on opening)."""
-        held = self.held_ids()
-        return len(held) != len(rows) or not np.array_equal(np.sort(held), np.sort(rows))
+        """Whether the vectors held may differ from the store's rows `rows` (checked on opening
+        and before every write, so it should be cheap)."""
 
     @abstractmethod
     def repair(self, rows: np.ndarray) -> np.ndarray:
         """Make the backend agree with the store, whose item ids are `rows`: remove vectors
         without a row; return the rows that have no vector (the folder drops them)."""
 
-    def first_free_id(self) -> int:
-        """No id below this was ever given a vector (the folder hands out ids from the
-        larger of this and the store's next id)."""
-        held = self.held_ids()
-        return int(held.max()) + 1 if len(held) else 0
+    @abstractmethod
+    def first_free_id(self, above: int) -> int:
+        """The smallest id >= `above` (the store's next id) with no vector at or beyond it:
+        where the folder starts handing out new ids."""
+
+    @classmethod
+    def validate(cls, manifest: dict, options: dict, count: int) -> None:
+        """Refuse, before anything is embedded, what `create` would refuse: an index type or
+        parameters this backend cannot build over `count` items, a bad URI."""

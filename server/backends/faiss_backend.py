@@ -33,8 +33,8 @@ from histoseek.atomic import temporary_path
 from histoseek.errors import HistoseekError
 from server.backends.base import VectorBackend
 from server.filters import FIELDS, ItemFilter
-from server.index_types import (INDEX_TYPES, apply_search_params, code_bytes_per_item, new_faiss_index,
-                                search_parameters, searchable_copy)
+from server.index_types import (INDEX_TYPES, apply_search_params, check_index_type, code_bytes_per_item,
+                                new_faiss_index, search_parameters, searchable_copy)
 from server.store import Item, Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class _Snapshot:
     held: np.ndarray | None = None  # ids with a vector, sorted; read on first need
     catalogs: dict = field(default_factory=dict)  # store signature -> _Catalog (one kept)
     rows: tuple = ((), -1)  # (store signature, its row count)
-    allowed: dict = field(default_factory=dict)  # (store signature, filter) -> allowed ids with a vector
+    # (store signature, filter) -> (allowed ids with a vector, their selector); API threads share it
+    allowed: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def held_ids(self) -> np.ndarray:
         if self.held is None:
@@ -119,6 +121,10 @@ class FaissBackend(VectorBackend):
         index.add_with_ids(vectors, np.array([item.id for item in items], dtype=np.int64))
         faiss.write_index(index, str(Path(folder) / FAISS_FILE))
         return {"index_params": params}
+
+    @classmethod
+    def validate(cls, manifest: dict, options: dict, count: int) -> None:
+        check_index_type(manifest["index_type"], count)
 
     @classmethod
     def open(cls, folder: Path, manifest: dict, store: Store) -> "FaissBackend":
@@ -159,14 +165,14 @@ class FaissBackend(VectorBackend):
                 snapshot = self._snapshot
         return snapshot
 
-    def _catalog(self, snapshot: _Snapshot) -> _Catalog:
-        signature = self.store.signature()
-        catalog = snapshot.catalogs.get(signature)
-        if catalog is None:
-            catalog = _Catalog.read(self.store)
-            snapshot.catalogs.clear()
-            snapshot.catalogs[signature] = catalog
-        return catalog
+    def _catalog(self, snapshot: _Snapshot, signature: tuple) -> _Catalog:
+        with snapshot.lock:
+            catalog = snapshot.catalogs.get(signature)
+            if catalog is None:
+                catalog = _Catalog.read(self.store)
+                snapshot.catalogs.clear()
+                snapshot.catalogs[signature] = catalog
+            return catalog
 
     def _row_count(self, snapshot: _Snapshot) -> int:
         signature = self.store.signature()
@@ -191,31 +197,39 @@ class FaissBackend(VectorBackend):
                 params = search_parameters(self.index_type, self.params, k)
                 found = snapshot.searchable.search(vectors[rows], k, params=params)
             else:
-                found = self._search_allowed(snapshot, vectors[rows], k, self._allowed(snapshot, where))
+                found = self._search_allowed(snapshot, vectors[rows], k, *self._allowed(snapshot, where))
             scores[rows], ids[rows] = found
         return scores, ids
 
-    def _allowed(self, snapshot: _Snapshot, where: ItemFilter | None) -> np.ndarray:
-        """Sorted ids that `where` admits and that have a vector; the last few filters' are
-        kept, as a user paging through results or a demo's label filter repeats them."""
-        key = (self.store.signature(), where)
-        allowed = snapshot.allowed.get(key)
-        if allowed is None:
-            allowed = np.intersect1d(self._catalog(snapshot).allowed(where), snapshot.held_ids(), assume_unique=True)
-            snapshot.allowed[key] = allowed
-            while sum(a.nbytes for a in snapshot.allowed.values()) > ALLOWED_CACHE_BYTES and len(snapshot.allowed) > 1:
+    def _allowed(self, snapshot: _Snapshot, where: ItemFilter | None) -> tuple[np.ndarray, faiss.IDSelector | None]:
+        """Sorted ids that `where` admits and that have a vector, and their selector; the last
+        few filters' are kept, as a user paging through results or a demo's label filter
+        repeats them."""
+        signature = self.store.signature()
+        key = (signature, where)
+        with snapshot.lock:
+            cached = snapshot.allowed.get(key)
+        if cached is not None:
+            return cached
+        allowed = np.intersect1d(self._catalog(snapshot, signature).allowed(where), snapshot.held_ids(),
+                                 assume_unique=True)
+        cached = (allowed, _bitmap_selector(allowed) if len(allowed) else None)
+        with snapshot.lock:
+            snapshot.allowed[key] = cached
+            while (len(snapshot.allowed) > 1 and sum(a.nbytes + (s.bitmap_array.nbytes if s else 0)
+                                                     for a, s in snapshot.allowed.values()) > ALLOWED_CACHE_BYTES):
                 snapshot.allowed.pop(next(iter(snapshot.allowed)))  # the oldest
-        return allowed
+        return cached
 
-    def _search_allowed(self, snapshot: _Snapshot, queries: np.ndarray, k: int,
-                        allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The k best of the `allowed` ids (sorted) for each query, on the CPU index."""
+    def _search_allowed(self, snapshot: _Snapshot, queries: np.ndarray, k: int, allowed: np.ndarray,
+                        selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of the `allowed` ids (sorted; `selector` selects them) for each query, on
+        the CPU index."""
         index, want = snapshot.cpu, min(k, len(allowed))
         if not len(allowed):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         if self.index_type == "pq":
             return _subset_search(index, queries, k, allowed)
-        selector = _bitmap_selector(allowed)
         if self.index_type == "hnsw":
             if len(allowed) > HNSW_EXACT_MAX_ITEMS:
                 # Disallowed nodes are walked but not kept: widen the beam by the share they take.
@@ -236,6 +250,10 @@ class FaissBackend(VectorBackend):
 
     def held_ids(self) -> np.ndarray:
         return self.snapshot().held_ids()
+
+    def first_free_id(self, above: int) -> int:
+        held = self.held_ids()  # sorted; HNSW tombstones and a crashed add's vectors included
+        return max(int(above), int(held[-1]) + 1 if len(held) else 0)
 
     def info(self) -> dict:
         snapshot = self.snapshot()
@@ -318,7 +336,9 @@ def _subset_search(index: faiss.Index, queries: np.ndarray, k: int,
     else:  # IndexPQ: a sub-index of the allowed items' codes, with the same codebooks
         sub = faiss.IndexPQ(inner.d, inner.pq.M, inner.pq.nbits, inner.metric_type)
         sub.pq = inner.pq
-        codes = faiss.vector_to_array(inner.codes).reshape(inner.ntotal, inner.code_size)[positions]
+        # A view of the stored codes (no copy of the whole index), of which the allowed are taken.
+        stored = faiss.rev_swig_ptr(inner.codes.data(), inner.ntotal * inner.code_size)
+        codes = np.asarray(stored).reshape(inner.ntotal, inner.code_size)[positions]
         faiss.copy_array_to_vector(codes.ravel(), sub.codes)
         sub.ntotal, sub.is_trained = len(positions), True
         scores, found = sub.search(queries, k)

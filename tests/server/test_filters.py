@@ -172,3 +172,33 @@ def test_milvus_expressions_keep_values_inside_their_literals(value):
     literal = expression.removeprefix("label in [").split("] and group not in")[0]
     import json
     assert json.loads(literal) == value and expression.endswith('group not in ["g"]')
+
+
+def test_an_open_folder_follows_a_rebuild(tmp_path, data):
+    """The API keeps its folders open while the CLI rebuilds one (here flat -> pq)."""
+    vectors, items = data
+    stroma = ItemFilter(labels=("stroma",))
+    folder = write_folder(tmp_path / "index", vectors[:200], items[:200], "flat")
+    assert folder.search(vectors[:1], k=3, where=stroma)[0]
+    write_folder(tmp_path / "index", vectors[:300], items[:300], "pq")
+    hits = folder.search(vectors[:1], k=3, where=stroma)[0]
+    assert len(hits) == 3 and {h.item.label for h in hits} == {"stroma"}
+    assert folder.manifest["index_type"] == "pq" and folder.info()["count"] == 300
+    assert folder.remove([0]) == 1
+    reopened = IndexFolder(tmp_path / "index")  # the manifest on disk is the rebuilt one, edited
+    assert (reopened.manifest["index_type"], reopened.manifest["count"]) == ("pq", 299)
+
+
+def test_the_source_filter_matches_the_source_results_show(tmp_path, data):
+    vectors, _ = data
+    items = [Item(i, f"/tiles/t{i}.png", "x", f"g{i}", source="" if i % 2 else "scanner-a") for i in range(10)]
+    folder = write_folder(tmp_path / "index", vectors[:10], items, "flat")
+    hits = folder.search(vectors[:1], k=10, where=ItemFilter(sources=("/tiles/t3.png", "scanner-a")))[0]
+    assert {h.id for h in hits} == {0, 2, 3, 4, 6, 8}  # an item without a source shows (and matches) its path
+
+
+def test_filters_made_by_the_system_hold_any_stored_value():
+    long_group = "/" + "d" * 250  # e.g. a folder-per-class dataset's group: the image's absolute path
+    assert ItemFilter(exclude_groups=(long_group,)).exclude_groups == (long_group,)
+    with pytest.raises(InvalidField, match="characters long"):
+        from_lists(exclude_groups=[long_group])  # from a client it is refused

@@ -110,6 +110,16 @@ def test_milvus_outage_is_a_503_and_the_api_recovers(client, synth_data, milvus)
     assert client.get("/readyz").status_code == 200
 
 
+def test_the_api_follows_a_rebuild_of_a_served_milvus_index(client, indexes, synth_data, triton_server, milvus):
+    build_index("tiny", synth_data, indexes / "milvus_hnsw", index_type="ivf_flat", triton_url=triton_server.grpc_url,
+                batch=8, backend="milvus", backend_options={"uri": milvus_server.uri(milvus[1])})
+    listed = {i["name"]: i for i in client.get("/v1/indexes").json()}
+    assert (listed["milvus_hnsw"]["type"], listed["milvus_hnsw"]["count"]) == ("ivf_flat", 24)
+    for query in sorted(synth_data.glob("*/*_0005.png")):
+        expected = _ranking(_search(client, query, "faiss_flat", k="8", exclude_labels="tumour"))
+        assert _ranking(_search(client, query, "milvus_hnsw", k="8", exclude_labels="tumour")) == expected
+
+
 def test_cli_builds_a_milvus_lite_index_and_searches_it_with_filters(tmp_path, synth_data, triton_server):
     lite = tmp_path / "vectors.db"  # Milvus Lite: embedded, a folder on this machine
     out = build_index("tiny", synth_data, tmp_path / "indexes" / "lite", index_type="ivf_flat",

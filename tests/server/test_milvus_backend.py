@@ -105,7 +105,7 @@ def test_create_and_open_round_trip(tmp_path, opened, monkeypatch):
     backend = opened(folder, manifest)
     backend.check_available()
     assert np.array_equal(backend.held_ids(), np.arange(300))
-    assert backend.first_free_id() == 300 and not backend.needs_repair(np.arange(300))
+    assert backend.first_free_id(0) == 300 and backend.first_free_id(400) == 400 and not backend.needs_repair(np.arange(300))
     info = backend.info()
     assert info["vectors"] == 300 and info["tombstones"] == 0 and info["code_bytes_per_item"] == 4 * DIM
     assert info["index_bytes_per_item"] > 4 * DIM and info["collection"] == section["collection"]
@@ -119,9 +119,9 @@ def test_create_and_open_round_trip(tmp_path, opened, monkeypatch):
     assert np.array_equal(ids[:, 0], np.arange(300))
     backend.remove(np.arange(0, 300, 2))
     assert np.array_equal(backend.held_ids(), np.arange(1, 300, 2))
-    assert backend.first_free_id() == 300  # 150 ids, more than a page: found by bisection
+    assert backend.first_free_id(0) == 300  # 150 ids, more than a page: found by bisection
     backend.remove(np.arange(101, 300, 2))
-    assert backend.first_free_id() == 100  # 50 ids, a page: listed
+    assert backend.first_free_id(0) == 100  # 50 ids, a page: listed
 
 
 FILTERS = [
@@ -194,7 +194,7 @@ def test_add_remove(tmp_path, opened):
     more, new = collection(20, seed=5)
     new = [replace(item, id=500 + n, label="added") for n, item in enumerate(new)]
     backend.add(more, new)
-    assert backend.first_free_id() == 520 and backend.info()["vectors"] == 220
+    assert backend.first_free_id(0) == 520 and backend.info()["vectors"] == 220
     _, ids = backend.search(more[:3], 1, [None] * 3)
     assert ids[:, 0].tolist() == [500, 501, 502]
     _, ids = backend.search(vectors[:2], 30, [ItemFilter(labels=("added",))] * 2)

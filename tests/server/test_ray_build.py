@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from histoseek.errors import HistoseekError
+from histoseek.processes import descendants, kill_tree
 from server import ray_embedding
 from server.build import _prepare_file, add_items, build_index
 from server.embedder import Embedder
@@ -45,29 +46,8 @@ class Cluster:
     nodes: list[subprocess.Popen]
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
-    table = {}
-    for line in out.splitlines():
-        pid, ppid, args = (line.split(None, 2) + [""])[:3]
-        table[int(pid)] = (int(ppid), args)
-    return table
-
-
-def _descendants(roots: list[int]) -> dict[int, str]:
-    """pid -> command line of every process below `roots` (Ray's workers start sessions of
-    their own, so a process group does not hold them)."""
-    table, found, frontier = _processes(), {}, set(roots)
-    while frontier:
-        children = {pid for pid, (ppid, _) in table.items() if ppid in frontier and pid not in found}
-        found.update({pid: table[pid][1] for pid in children})
-        frontier = children
-    return found
-
-
 def _embedding_actors(cluster: Cluster) -> dict[int, str]:
-    return {pid: args for pid, args in _descendants([n.pid for n in cluster.nodes]).items() if EMBED_ACTOR in args}
+    return {pid: args for pid, args in descendants([n.pid for n in cluster.nodes]).items() if EMBED_ACTOR in args}
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +97,7 @@ def ray_cluster() -> Cluster:
             ray.shutdown()
             # Nothing of a test cluster needs a graceful stop, and `ray stop` would stop every
             # Ray on this machine: each of its processes is killed by pid.
-            for pid in [*_descendants([n.pid for n in cluster.nodes]), *(n.pid for n in cluster.nodes)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            for process in cluster.nodes:
-                process.wait()
+            kill_tree(cluster.nodes)
             shutil.rmtree(temp, ignore_errors=True)
 
 
