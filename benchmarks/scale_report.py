@@ -65,8 +65,8 @@ def markdown(report: dict) -> str:
                   "archive, on disk, not in memory."]
     lines += ["", "Filtered searches admit 1, 10 or 50 % of the items by a `source` field drawn independently of "
                   "the vectors; recall is against an exact search of the admitted items; \"(short)\" marks fewer "
-                  "than k results although k items matched, "(N outside!)" results the filter should have left out (none
-                  here unless marked)."]
+                  "than k results although k items matched, \"(N outside!)\" results the filter should have left "
+                  "out (none unless marked)."]
     return "\n".join(lines) + "\n"
 
 
