@@ -32,7 +32,8 @@ import numpy as np
 from histoseek.atomic import temporary_path
 from histoseek.errors import HistoseekError
 from server.backends.base import VectorBackend
-from server.filters import FIELDS, ItemFilter
+from server.backends.catalog import CurrentCatalog
+from server.filters import ItemFilter
 from server.index_types import (INDEX_TYPES, apply_search_params, check_index_type, code_bytes_per_item,
                                 new_faiss_index, search_parameters, searchable_copy)
 from server.store import Item, Store
@@ -61,44 +62,12 @@ def faiss_ids(index: faiss.Index) -> np.ndarray:
 
 
 @dataclass
-class _Catalog:
-    """The store's rows as arrays (id, and each filterable field as codes): filters are
-    evaluated with numpy instead of one SQL query per search."""
-    ids: np.ndarray
-    codes: dict[str, np.ndarray]
-    values: dict[str, dict[str, int]]
-
-    @classmethod
-    def read(cls, store: Store) -> "_Catalog":
-        rows = store.filter_columns()
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        codes, values = {}, {}
-        for column, name in enumerate(FIELDS, start=1):
-            table: dict[str, int] = {}
-            codes[name] = np.fromiter((table.setdefault(r[column], len(table)) for r in rows), np.int32, len(rows))
-            values[name] = table
-        return cls(ids, codes, values)
-
-    def allowed(self, where: ItemFilter | None) -> np.ndarray:
-        """Sorted ids of the rows that `where` admits."""
-        mask = np.ones(len(self.ids), bool)
-        for name in FIELDS if where is not None else ():
-            for wanted, keep in ((where.include(name), True), (where.exclude(name), False)):
-                if wanted:
-                    codes = [self.values[name][v] for v in wanted if v in self.values[name]]
-                    hit = np.isin(self.codes[name], np.asarray(codes, np.int32))
-                    mask &= hit if keep else ~hit
-        return np.sort(self.ids[mask])
-
-
-@dataclass
 class _Snapshot:
     cpu: faiss.Index  # as read from the file: edits copy it, filtered searches use it
     searchable: faiss.Index  # on the GPUs when faiss-gpu sees any
     file_id: tuple
     code_bytes: int
     held: np.ndarray | None = None  # ids with a vector, sorted; read on first need
-    catalogs: dict = field(default_factory=dict)  # store signature -> _Catalog (one kept)
     rows: tuple = ((), -1)  # (store signature, its row count)
     # (store signature, filter) -> (allowed ids with a vector, their selector); API threads share it
     allowed: dict = field(default_factory=dict)
@@ -137,6 +106,7 @@ class FaissBackend(VectorBackend):
         self.path, self.store = folder, store
         self.index_type, self.params = manifest["index_type"], manifest["index_params"]
         self._reload_lock = threading.Lock()
+        self._catalog = CurrentCatalog(store)
         self._snapshot = self._read()
 
     # -- reading ---------------------------------------------------------------------------
@@ -164,15 +134,6 @@ class FaissBackend(VectorBackend):
                     self._snapshot = self._read()
                 snapshot = self._snapshot
         return snapshot
-
-    def _catalog(self, snapshot: _Snapshot, signature: tuple) -> _Catalog:
-        with snapshot.lock:
-            catalog = snapshot.catalogs.get(signature)
-            if catalog is None:
-                catalog = _Catalog.read(self.store)
-                snapshot.catalogs.clear()
-                snapshot.catalogs[signature] = catalog
-            return catalog
 
     def _row_count(self, snapshot: _Snapshot) -> int:
         signature = self.store.signature()
@@ -211,7 +172,7 @@ class FaissBackend(VectorBackend):
             cached = snapshot.allowed.get(key)
         if cached is not None:
             return cached
-        allowed = np.intersect1d(self._catalog(snapshot, signature).allowed(where), snapshot.held_ids(),
+        allowed = np.intersect1d(self._catalog.get().allowed(where), snapshot.held_ids(),
                                  assume_unique=True)
         cached = (allowed, _bitmap_selector(allowed) if len(allowed) else None)
         with snapshot.lock:

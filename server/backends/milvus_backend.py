@@ -23,8 +23,9 @@ filters.py `milvus_expression`). Approximate indexes can come back short of k wh
 admits few items: the graph or the probed lists reach too few of them. Such queries are
 searched again, deeper (every IVF list; a beam as wide as the collection, up to Milvus's
 16,384), when Milvus counts more allowed items than were returned; a graph search still
-short is answered by scoring the allowed items exactly, when they are few; a graph index
-under a filter that admits few items scores them exactly from the start.
+short is answered by scoring the allowed items exactly, when they are few. A graph index
+under a filter scores the items exactly from the start when at most EXACT_MAX_ITEMS are
+admitted, and otherwise widens its beam by the share of items the filter admits.
 
 Consistency is Strong: a search sees every write made before it, and counts are exact
 without flushing (flushes seal segments and are rate-limited on a server: only a build
@@ -49,6 +50,7 @@ from pymilvus.exceptions import MilvusException
 from histoseek.errors import HistoseekError
 from server.backends import milvus_types as types
 from server.backends.base import VectorBackend
+from server.backends.catalog import CurrentCatalog
 from server.backends.milvus_connection import (CALL_TIMEOUT_S, CONNECT_TIMEOUT_S, NOT_FOUND, SLOW_TIMEOUT_S,
                                                Connection, Target)
 from server.fields import MAX_ID, MAX_TEXT_CHARS
@@ -64,6 +66,9 @@ PAGE = 8192  # ids per page of a listing, and per delete
 # Queries a filtered search left short of k although more items are allowed: those items
 # are scored exactly when their vectors take at most this much (and Milvus returns them all).
 EXACT_BYTES = 32 << 20
+# A graph index under a filter admitting at most this many items scores them exactly from
+# the start (~1 MB of 128-d vectors per query group to fetch).
+EXACT_MAX_ITEMS = 2_048
 COLUMNS = {field: field for field in FIELDS}  # scalar field of each filterable item field
 # VARCHAR max_length counts UTF-8 bytes on a Milvus server (characters in Lite 3.2);
 # a character is at most 4 bytes.
@@ -158,9 +163,11 @@ class MilvusBackend(VectorBackend):
         if not section.get("uri") or not section.get("collection"):
             raise HistoseekError(f"{folder}/manifest.json names no Milvus collection; rebuild the index")
         target = Target.parse(section["uri"], Path(folder))
-        return cls(Path(folder), target, section["collection"], manifest["index_type"],
-                   manifest.get("index_params") or {}, int(manifest["dimension"]),
-                   Connection(target, must_exist=True), section.get("owner"))
+        backend = cls(Path(folder), target, section["collection"], manifest["index_type"],
+                      manifest.get("index_params") or {}, int(manifest["dimension"]),
+                      Connection(target, must_exist=True), section.get("owner"))
+        backend._catalog = CurrentCatalog(store) if store is not None else None
+        return backend
 
     def __init__(self, folder: Path, target: Target, collection: str, index_type: str, params: dict, dim: int,
                  connection: Connection, owner: str | None = None):
@@ -168,6 +175,7 @@ class MilvusBackend(VectorBackend):
         self.index_type, self.params, self.dim = index_type, params, dim
         self._connection, self._owner = connection, owner
         self._tidied = owner is None
+        self._catalog: CurrentCatalog | None = None  # the folder's rows (None while building)
 
     def _call(self, what: str, fn: Callable[[MilvusClient], T]) -> T:
         if not self._tidied:
@@ -209,13 +217,21 @@ class MilvusBackend(VectorBackend):
             groups.setdefault(None if where is None or where.empty else where, []).append(row)
         for where, rows in groups.items():
             expr = milvus_expression(where, COLUMNS) if where is not None else ""
-            if expr and types.graph(self.index_type) and self._few(self._count(expr)):
-                # A graph walk under a filter that admits few items misses some even when it
-                # comes back full (HNSW, a filter admitting 1 % of 100k: recall@10 0.82);
-                # scoring the few exactly is right and cheap (as the FAISS backend does).
-                self._exact_into(vectors, rows, k, expr, scores, ids)
-                continue
             params = types.search_params(self.index_type, self.params, k)
+            if expr and types.graph(self.index_type):
+                # A graph walk under a filter misses admitted items even when it comes back
+                # full (HNSW, a filter admitting 1 % of 100k: recall@10 0.82): the few are
+                # scored exactly (their vectors travel, so only a few), else the beam is
+                # widened by the share of items the filter admits, as the FAISS backend does.
+                # Counted from the folder's rows: a count in Milvus Lite scans every row in Python.
+                catalog = self._catalog.get() if self._catalog else None
+                allowed = len(catalog.allowed(where)) if catalog else self._count(expr)
+                total = len(catalog.ids) if catalog else self._count("")
+                if allowed <= EXACT_MAX_ITEMS:
+                    self._exact_into(vectors, rows, k, expr, scores, ids)
+                    continue
+                beam = max(self.params.get("ef_search", 0), k) * total // max(1, allowed)
+                params = types.search_params(self.index_type, self.params, k, depth=beam)
             self._search_into(vectors, rows, k, expr, params, scores, ids)
             if types.exact(self.index_type) or ids[rows, -1].min() >= 0:
                 continue
