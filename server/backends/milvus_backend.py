@@ -67,8 +67,10 @@ PAGE = 8192  # ids per page of a listing, and per delete
 # are scored exactly when their vectors take at most this much (and Milvus returns them all).
 EXACT_BYTES = 32 << 20
 # A graph index under a filter admitting at most this many items scores them exactly from
-# the start (~1 MB of 128-d vectors per query group to fetch).
-EXACT_MAX_ITEMS = 2_048
+# the start; above, a beam widened by the filter's share is faster and as good (100k items,
+# a filter admitting 1 %, Milvus Lite: exact over the 1,000 fetched vectors 199 ms a query,
+# HNSW with ef 6,400 61 ms, both recall@10 1.0).
+EXACT_MAX_ITEMS = 256
 COLUMNS = {field: field for field in FIELDS}  # scalar field of each filterable item field
 # VARCHAR max_length counts UTF-8 bytes on a Milvus server (characters in Lite 3.2);
 # a character is at most 4 bytes.
