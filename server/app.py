@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -249,7 +250,14 @@ def _item_fields(item: Item) -> dict:
 
 def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> FastAPI:
     service = Service(Path(indexes_dir), triton_url, protocol, settings or Settings())
-    app = FastAPI(title="HistoSeek search API", version="1",
+    @asynccontextmanager
+    async def closing_indexes(app: FastAPI):
+        yield
+        # Milvus connections (and the Milvus Lite servers of local databases) end with the app.
+        for core in service.cores.values():
+            core.folder.close()
+
+    app = FastAPI(title="HistoSeek search API", version="1", lifespan=closing_indexes,
                   description="Content-based retrieval of histopathology image patches.")
     app.state.service = service
     # Added innermost first: CORS outermost (its headers reach every answer, and a preflight

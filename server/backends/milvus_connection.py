@@ -235,10 +235,12 @@ class Connection:
             uri = f"http://127.0.0.1:{port}"
         try:
             client = MilvusClient(uri=uri, token=target.token, timeout=CONNECT_TIMEOUT_S, dedicated=True)
-        except (MilvusException, grpc.RpcError) as exc:
-            if lite is not None:
+        except BaseException as exc:
+            if lite is not None:  # whatever failed, the Lite server started for this client goes
                 _release_lite(lite)
-            raise self.translate(exc, "connect", drop=False) from exc
+            if isinstance(exc, (MilvusException, grpc.RpcError)):
+                raise self.translate(exc, "connect", drop=False) from exc
+            raise
         self._lite = lite
         return client
 
