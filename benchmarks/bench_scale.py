@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import faiss
 import numpy as np
 
 from benchmarks import scale_indexes, scale_report
@@ -30,7 +29,7 @@ from benchmarks.results_files import write_results
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
 from histoseek.processes import kill_tree
-from server.backends.faiss_backend import FAISS_FILE
+from server.backends.faiss_backend import stored_vectors
 from server.build import build_index
 from server.triton import free_port
 
@@ -77,11 +76,6 @@ def local_ray_cluster(cpus: int) -> Iterator[str]:
             os.environ["RAY_AUTH_MODE"] = previous
 
 
-def _stored_vectors(index_dir: Path) -> np.ndarray:
-    index = faiss.read_index(str(index_dir / FAISS_FILE))
-    return index.reconstruct_n(0, index.ntotal)
-
-
 def embedding_throughput(encoder: str, data: Path, triton_url: str, repo: Path, workers: list[int],
                          workdir: Path, cpus: int) -> list[dict]:
     tiles = len(read_dataset(data))
@@ -96,12 +90,12 @@ def embedding_throughput(encoder: str, data: Path, triton_url: str, repo: Path, 
         return {"mode": label, "tiles": tiles, "seconds": round(seconds, 1), "tiles_per_s": round(tiles / seconds, 1)}
 
     rows = [timed("single process", builds / "single")]
-    reference = _stored_vectors(builds / "single")
+    reference = stored_vectors(builds / "single")
     with local_ray_cluster(cpus) as address:
         for count in workers:
             out = builds / f"ray_{count}"
             row = timed(f"Ray, {count} actor{'s' * (count > 1)}", out, ray=address, ray_workers=count)
-            row["max_abs_diff_vs_single"] = float(np.abs(_stored_vectors(out) - reference).max())
+            row["max_abs_diff_vs_single"] = float(np.abs(stored_vectors(out) - reference).max())
             rows.append(row)
     return rows
 
@@ -115,7 +109,7 @@ def _embeddings(index_dir: Path) -> tuple[np.ndarray, list[str]]:
         items = folder.store.lookup(range(folder.store.count()))
     finally:
         folder.close()
-    return _stored_vectors(index_dir), [items[i].label for i in sorted(items)]
+    return stored_vectors(index_dir), [items[i].label for i in sorted(items)]
 
 
 def bench_scale_command(*, checkpoint: Path, data: Path, items: int, queries: int, workers: list[int],

@@ -245,7 +245,7 @@ def _image_url(index: str, item_id: int) -> str:
 
 def _item_fields(item: Item) -> dict:
     where = {"slide": item.group, "x": item.x, "y": item.y} if item.mpp > 0 else {}
-    return {"label": item.label, "group": item.group, "source": item.source or item.path, **where}
+    return {"label": item.label, "group": item.group, "source": item.shown_source, **where}
 
 
 def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", settings: Settings | None = None) -> FastAPI:

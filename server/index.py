@@ -92,14 +92,14 @@ class IndexFolder:
         self._retired: list[VectorBackend] = []  # replaced by a rebuild; searches may still hold them
         self._open()
         try:
-            needs_repair = self._needs_repair()
+            needs_repair = self._differs(self.store.ids())
         except BackendUnavailable as exc:
             # Searches answer 503 until it is back; the check runs again before every write.
             log.warning("%s: cannot check the vectors now: %s", self.path, exc)
             needs_repair = False
-        if needs_repair:
+        if needs_repair:  # the lock only then: opening a folder to read it must not need write access
             with self._write_lock():
-                self._repair()
+                self._repair_if_needed()
 
     def _open(self) -> None:
         # The build id first: state read after it is never older than the build it names.
@@ -153,8 +153,7 @@ class IndexFolder:
             # A hit without a row: removed by a writer since the search (then the repair finds
             # nothing to do), or a vector a crashed edit left behind: repair, search again.
             with self._write_lock():
-                if self._needs_repair():
-                    self._repair()
+                self._repair_if_needed()
         return [[Hit(int(i), float(s), items[i]) for i, s in zip(row_ids, row_scores) if i in items]
                 for row_ids, row_scores in zip(ids, scores)]
 
@@ -170,13 +169,15 @@ class IndexFolder:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _needs_repair(self) -> bool:
-        rows = self.store.ids()
+    def _differs(self, rows: np.ndarray) -> bool:
+        """Whether backend or manifest may disagree with the store, whose item ids are `rows`."""
         return self.backend.needs_repair(rows) or self._manifest.get("count") != len(rows)
 
-    def _repair(self) -> None:
-        """Bring backend and store back to the invariant (under the write lock)."""
+    def _repair_if_needed(self) -> None:
+        """Bring backend and store back to the invariant if they differ (under the write lock)."""
         rows = self.store.ids()
+        if not self._differs(rows):
+            return
         orphans = np.setdiff1d(self.backend.held_ids(), rows)
         if len(orphans):
             # Their ids are never handed out again: a reader's older snapshot may still hold
@@ -200,8 +201,7 @@ class IndexFolder:
             raise HistoseekError(f"{len(items)} items need {len(items)} thumbnails and embeddings shaped "
                                  f"[{len(items)}, {self.manifest['dimension']}], got {list(embeddings.shape)}")
         with self._write_lock():
-            if self._needs_repair():
-                self._repair()
+            self._repair_if_needed()
             first = self.backend.first_free_id(self.store.next_id())
             items = [replace(item, id=first + n) for n, item in enumerate(items)]
             self.backend.add(embeddings, items)
@@ -212,8 +212,7 @@ class IndexFolder:
     def remove(self, ids: list[int]) -> int:
         """Remove items by id; returns how many existed."""
         with self._write_lock():
-            if self._needs_repair():
-                self._repair()
+            self._repair_if_needed()
             removed = self.store.delete(ids)
             if removed:
                 self.backend.remove(np.asarray(ids, dtype=np.int64))

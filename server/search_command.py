@@ -29,7 +29,7 @@ def search_image_command(index_dir: Path, image: Path, *, k: int, where: ItemFil
     return {
         "index": folder.name, "k": k, "filter": where.describe() if where is not None else None,
         "results": [{"rank": rank, "id": hit.id, "score": round(hit.score, 6), "label": hit.item.label,
-                     "group": hit.item.group, "source": hit.item.source or hit.item.path}
+                     "group": hit.item.group, "source": hit.item.shown_source}
                     for rank, hit in enumerate(outcome.hits, 1)],
         "vote": {"label": outcome.vote[0], "share": outcome.vote[1]},
         "timings_ms": {stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},

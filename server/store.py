@@ -79,6 +79,12 @@ class Item:
     mpp: float = 0.0  # tiles of whole slides: µm/px they were cut at (x, y: level-0 px of slide `group`)
     mosaic: int = 0  # 1: one of its slide's mosaic tiles
 
+    @property
+    def shown_source(self) -> str:
+        """The source results show and source filters match: the one named when the item was
+        indexed, else the path it was read from (Store.filter_columns says the same in SQL)."""
+        return self.source or self.path
+
 
 @dataclass(frozen=True)
 class SlideRecord:

@@ -23,6 +23,19 @@ from server.filters import ItemFilter
 from server.store import Item, Store
 
 
+def no_results(queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of `queries` searches that found nothing yet: -inf and id -1 everywhere."""
+    return np.full((queries, k), -np.inf, np.float32), np.full((queries, k), -1, np.int64)
+
+
+def by_filter(filters: Sequence[ItemFilter | None]) -> dict[ItemFilter | None, list[int]]:
+    """The query rows of each distinct filter (None: no filter), searched together."""
+    groups: dict[ItemFilter | None, list[int]] = {}
+    for row, where in enumerate(filters):
+        groups.setdefault(None if where is None or where.empty else where, []).append(row)
+    return groups
+
+
 class BackendUnavailable(HistoseekError):
     """The vector store cannot be reached now (503 at the API; retried on the next request)."""
 

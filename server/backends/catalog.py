@@ -53,8 +53,9 @@ class CurrentCatalog:
         self._lock = threading.Lock()
         self._held: tuple[tuple, Catalog] | None = None
 
-    def get(self) -> Catalog:
-        signature = self.store.signature()
+    def get(self, signature: tuple | None = None) -> Catalog:
+        """The catalog of the store at `signature` (default: as it is now)."""
+        signature = self.store.signature() if signature is None else signature
         with self._lock:
             if self._held is None or self._held[0] != signature:
                 self._held = (signature, Catalog.read(self.store))

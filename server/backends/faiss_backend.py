@@ -31,7 +31,7 @@ import numpy as np
 
 from histoseek.atomic import temporary_path
 from histoseek.errors import HistoseekError
-from server.backends.base import VectorBackend
+from server.backends.base import VectorBackend, by_filter, no_results
 from server.backends.catalog import CurrentCatalog
 from server.filters import ItemFilter
 from server.index_types import (INDEX_TYPES, apply_search_params, check_index_type, code_bytes_per_item,
@@ -59,6 +59,13 @@ def faiss_ids(index: faiss.Index) -> np.ndarray:
     parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
              for i in range(invlists.nlist) if invlists.list_size(i)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def stored_vectors(folder: Path) -> np.ndarray:
+    """The vectors of an index folder's `index.faiss` in id order (types that map ids to
+    stored vectors or codes: flat, hnsw, pq; codes come back decoded)."""
+    index = faiss.read_index(str(Path(folder) / FAISS_FILE))
+    return np.stack([index.reconstruct(int(i)) for i in np.sort(faiss_ids(index))])
 
 
 @dataclass
@@ -135,44 +142,39 @@ class FaissBackend(VectorBackend):
                 snapshot = self._snapshot
         return snapshot
 
-    def _row_count(self, snapshot: _Snapshot) -> int:
-        signature = self.store.signature()
+    def _row_count(self, snapshot: _Snapshot, signature: tuple) -> int:
         if snapshot.rows[0] != signature:
             snapshot.rows = (signature, self.store.count())
         return snapshot.rows[1]
 
     def search(self, vectors: np.ndarray, k: int,
                filters: Sequence[ItemFilter | None]) -> tuple[np.ndarray, np.ndarray]:
-        snapshot = self.snapshot()
+        snapshot, signature = self.snapshot(), self.store.signature()  # one look at the store per search
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        scores = np.full((len(vectors), k), -np.inf, np.float32)
-        ids = np.full((len(vectors), k), -1, np.int64)
+        scores, ids = no_results(len(vectors), k)
         # Vectors without a row (HNSW tombstones, a crashed edit's leftovers) must not
         # take result places: then every search is restricted to the store's rows.
-        rowless = snapshot.cpu.ntotal != self._row_count(snapshot)
-        groups: dict[ItemFilter | None, list[int]] = {}
-        for row, where in enumerate(filters):
-            groups.setdefault(None if where is None or where.empty else where, []).append(row)
-        for where, rows in groups.items():
+        rowless = snapshot.cpu.ntotal != self._row_count(snapshot, signature)
+        for where, rows in by_filter(filters).items():
             if where is None and not rowless:
                 params = search_parameters(self.index_type, self.params, k)
                 found = snapshot.searchable.search(vectors[rows], k, params=params)
             else:
-                found = self._search_allowed(snapshot, vectors[rows], k, *self._allowed(snapshot, where))
+                found = self._search_allowed(snapshot, vectors[rows], k, *self._allowed(snapshot, where, signature))
             scores[rows], ids[rows] = found
         return scores, ids
 
-    def _allowed(self, snapshot: _Snapshot, where: ItemFilter | None) -> tuple[np.ndarray, faiss.IDSelector | None]:
-        """Sorted ids that `where` admits and that have a vector, and their selector; the last
-        few filters' are kept, as a user paging through results or a demo's label filter
-        repeats them."""
-        signature = self.store.signature()
+    def _allowed(self, snapshot: _Snapshot, where: ItemFilter | None,
+                 signature: tuple) -> tuple[np.ndarray, faiss.IDSelector | None]:
+        """Sorted ids that `where` admits and that have a vector (the store at `signature`), and
+        their selector; the last few filters' are kept, as a user paging through results or a
+        demo's label filter repeats them."""
         key = (signature, where)
         with snapshot.lock:
             cached = snapshot.allowed.get(key)
         if cached is not None:
             return cached
-        allowed = np.intersect1d(self._catalog.get().allowed(where), snapshot.held_ids(),
+        allowed = np.intersect1d(self._catalog.get(signature).allowed(where), snapshot.held_ids(),
                                  assume_unique=True)
         cached = (allowed, _bitmap_selector(allowed) if len(allowed) else None)
         with snapshot.lock:
@@ -188,7 +190,7 @@ class FaissBackend(VectorBackend):
         the CPU index."""
         index, want = snapshot.cpu, min(k, len(allowed))
         if not len(allowed):
-            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+            return no_results(len(queries), k)
         if self.index_type == "pq":
             return _subset_search(index, queries, k, allowed)
         if self.index_type == "hnsw":
@@ -294,7 +296,8 @@ def _subset_search(index: faiss.Index, queries: np.ndarray, k: int,
     if isinstance(inner, faiss.IndexHNSW):
         storage = faiss.downcast_index(inner.storage)
         scores, found = storage.search(queries, k, params=faiss.SearchParameters(sel=_bitmap_selector(positions)))
-    else:  # IndexPQ: a sub-index of the allowed items' codes, with the same codebooks
+        found = np.where(found >= 0, np.searchsorted(positions, found), -1)  # storage position -> allowed rank
+    else:  # IndexPQ: a sub-index of the allowed items' codes (in allowed order), with the same codebooks
         sub = faiss.IndexPQ(inner.d, inner.pq.M, inner.pq.nbits, inner.metric_type)
         sub.pq = inner.pq
         # A view of the stored codes (no copy of the whole index), of which the allowed are taken.
@@ -303,6 +306,4 @@ def _subset_search(index: faiss.Index, queries: np.ndarray, k: int,
         faiss.copy_array_to_vector(codes.ravel(), sub.codes)
         sub.ntotal, sub.is_trained = len(positions), True
         scores, found = sub.search(queries, k)
-        positions = np.arange(len(positions))
-    mapped = np.where(found >= 0, ids[np.clip(np.searchsorted(positions, found), 0, len(positions) - 1)], -1)
-    return scores, mapped
+    return scores, np.where(found >= 0, ids[np.maximum(found, 0)], -1)

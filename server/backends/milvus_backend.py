@@ -49,7 +49,7 @@ from pymilvus.exceptions import MilvusException
 
 from histoseek.errors import HistoseekError
 from server.backends import milvus_types as types
-from server.backends.base import VectorBackend
+from server.backends.base import VectorBackend, by_filter, no_results
 from server.backends.catalog import CurrentCatalog
 from server.backends.milvus_connection import (CALL_TIMEOUT_S, CONNECT_TIMEOUT_S, NOT_FOUND, SLOW_TIMEOUT_S,
                                                Connection, Target)
@@ -208,37 +208,29 @@ class MilvusBackend(VectorBackend):
     def search(self, vectors: np.ndarray, k: int,
                filters: Sequence[ItemFilter | None]) -> tuple[np.ndarray, np.ndarray]:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if len(filters) != len(vectors):
-            raise HistoseekError(f"{len(vectors)} query vectors need as many filters, got {len(filters)}")
         if not 1 <= k <= types.MAX_TOP_K:
             raise HistoseekError(f"k must be between 1 and {types.MAX_TOP_K} (Milvus's limit), got {k}")
-        scores = np.full((len(vectors), k), -np.inf, np.float32)
-        ids = np.full((len(vectors), k), -1, np.int64)
-        groups: dict[ItemFilter | None, list[int]] = {}
-        for row, where in enumerate(filters):
-            groups.setdefault(None if where is None or where.empty else where, []).append(row)
-        for where, rows in groups.items():
+        scores, ids = no_results(len(vectors), k)
+        for where, rows in by_filter(filters).items():
             expr = milvus_expression(where, COLUMNS) if where is not None else ""
             params = types.search_params(self.index_type, self.params, k)
+            allowed = None  # items `where` admits, counted when needed
             if expr and types.graph(self.index_type):
                 # A graph walk under a filter misses admitted items even when it comes back
                 # full (HNSW, a filter admitting 1 % of 100k: recall@10 0.82): the few are
                 # scored exactly (their vectors travel, so only a few), else the beam is
                 # widened by the share of items the filter admits, as the FAISS backend does.
-                # Counted from the folder's rows: a count in Milvus Lite scans every row in Python.
-                catalog = self._catalog.get() if self._catalog else None
-                allowed = len(catalog.allowed(where)) if catalog else self._count(expr)
-                total = len(catalog.ids) if catalog else self._count("")
+                allowed = self._admitted(where, expr)
                 if allowed <= EXACT_MAX_ITEMS:
                     self._exact_into(vectors, rows, k, expr, scores, ids)
                     continue
-                beam = max(self.params.get("ef_search", 0), k) * total // max(1, allowed)
+                beam = max(self.params.get("ef_search", 0), k) * self._admitted(None, "") // max(1, allowed)
                 params = types.search_params(self.index_type, self.params, k, depth=beam)
             self._search_into(vectors, rows, k, expr, params, scores, ids)
             if types.exact(self.index_type) or ids[rows, -1].min() >= 0:
                 continue
             # Some came back short: are more items allowed than they found?
-            allowed = self._count(expr)
+            allowed = self._admitted(where, expr) if allowed is None else allowed
             short = [row for row in rows if (ids[row] >= 0).sum() < min(k, allowed)]
             few = self._few(allowed)
             if short and not (few and types.graph(self.index_type)):
@@ -250,6 +242,14 @@ class MilvusBackend(VectorBackend):
             if short and few:
                 self._exact_into(vectors, short, k, expr, scores, ids)
         return scores, ids
+
+    def _admitted(self, where: ItemFilter | None, expr: str) -> int:
+        """How many items `where` (as the expression `expr`) admits: counted from the folder's
+        rows, as a count in Milvus Lite scans every row in Python; by Milvus without a folder."""
+        if self._catalog is None:
+            return self._count(expr)
+        catalog = self._catalog.get()
+        return len(catalog.ids) if where is None else len(catalog.allowed(where))
 
     def _few(self, allowed: int) -> bool:
         """Whether `allowed` items are few enough to fetch and score exactly."""
@@ -361,7 +361,7 @@ class MilvusBackend(VectorBackend):
         rows = max(1, MESSAGE_BYTES // (4 * self.dim + 4 * TEXT_BYTES))
         for start in range(0, len(items), rows):
             batch = [{"id": item.id, "vector": vector, "label": item.label, "group": item.group,
-                      "source": item.source or item.path, "path": _clip(item.path, PATH_BYTES)}
+                      "source": item.shown_source, "path": _clip(item.path, PATH_BYTES)}
                      for item, vector in zip(items[start:start + rows], vectors[start:start + rows])]
             self._call("insert vectors", lambda c: c.insert(self.collection, batch, timeout=CALL_TIMEOUT_S))
 

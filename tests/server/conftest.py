@@ -9,6 +9,7 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.app import Settings, create_app
@@ -51,3 +52,10 @@ def serve_api():
             return servers.enter_context(served_in_thread(app, ready=ready))
 
         yield serve
+
+
+@pytest.fixture
+def client(api: str):
+    """An HTTP client of the module's `api` (a base URL each module serves its own way)."""
+    with httpx.Client(base_url=api, timeout=30) as http:
+        yield http

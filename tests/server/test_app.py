@@ -28,11 +28,6 @@ def api(indexes_dir, triton_server) -> str:
         yield url
 
 
-@pytest.fixture
-def client(api):
-    with httpx.Client(base_url=api, timeout=30) as http:
-        yield http
-
 
 def test_search_returns_the_image_itself_first(client, synth_data):
     query = synth_data / "stroma" / "stroma_0003.png"

@@ -43,11 +43,6 @@ def api(indexes, triton_server):
         yield url
 
 
-@pytest.fixture
-def client(api):
-    with httpx.Client(base_url=api, timeout=60) as http:
-        yield http
-
 
 def _search(client, path, index, **data) -> httpx.Response:
     return client.post("/v1/search", files={"image": ("q.png", path.read_bytes(), "image/png")},

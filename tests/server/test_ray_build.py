@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
 from histoseek.errors import HistoseekError
 from histoseek.processes import descendants, kill_tree
 from server import ray_embedding
+from server.backends.faiss_backend import stored_vectors
 from server.build import _prepare_file, add_items, build_index
 from server.embedder import Embedder
 from tests.servers import distinct_free_ports
@@ -118,11 +118,6 @@ def many_reference(tmp_path_factory, many_tiles, triton_server) -> Path:
                        triton_url=triton_server.grpc_url, batch=1)
 
 
-def _vectors(index_dir: Path) -> np.ndarray:
-    index = faiss.read_index(str(index_dir / "index.faiss"))
-    return np.stack([index.reconstruct(int(i)) for i in sorted(faiss.vector_to_array(index.id_map))])
-
-
 def _rows(index_dir: Path) -> list[tuple]:
     with sqlite3.connect(index_dir / "items.sqlite") as db:
         return db.execute("SELECT * FROM items ORDER BY id").fetchall()
@@ -131,7 +126,7 @@ def _rows(index_dir: Path) -> list[tuple]:
 def assert_same_index(built: Path, reference: Path) -> None:
     """Same ids, item rows (thumbnails included) and manifest model; vectors within 1e-5."""
     assert _rows(built) == _rows(reference)
-    np.testing.assert_allclose(_vectors(built), _vectors(reference), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(stored_vectors(built), stored_vectors(reference), rtol=0, atol=1e-5)
     manifests = [__import__("json").loads((path / "manifest.json").read_text()) for path in (built, reference)]
     for key in ("encoder", "model_sha256", "model_version", "dimension", "count", "index_type"):
         assert manifests[0][key] == manifests[1][key], key
