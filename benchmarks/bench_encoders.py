@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.served_models import ServedModel, running_triton
 from benchmarks.timing import summarise, time_in_rounds
-from export.onnx_export import ContractModel
+from training.contract import ContractModel
 from training import checkpoint
 
 log = logging.getLogger(__name__)

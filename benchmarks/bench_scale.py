@@ -29,8 +29,8 @@ from benchmarks.results_files import write_results
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
 from histoseek.processes import kill_tree
-from server.backends.faiss_backend import stored_vectors
-from server.build import build_index
+from server.index.backends.faiss_backend import stored_vectors
+from server.index.build import build_index
 from server.triton import free_port
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def embedding_throughput(encoder: str, data: Path, triton_url: str, repo: Path, 
 
 def _embeddings(index_dir: Path) -> tuple[np.ndarray, list[str]]:
     """The vectors of a built flat index and their items' labels, in id order."""
-    from server.index import IndexFolder
+    from server.index.folder import IndexFolder
 
     folder = IndexFolder(index_dir)
     try:

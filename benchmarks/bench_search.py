@@ -28,9 +28,9 @@ from histoseek.errors import HistoseekError
 from histoseek.imaging import decode_image, resize_and_crop
 from histoseek.processes import histoseek_command, wait_http
 from server.embedder import Embedder
-from server.backends.faiss_backend import FAISS_FILE
-from server.index import IndexFolder
-from server.index_types import code_bytes_per_item, new_faiss_index
+from server.index.backends.faiss_backend import FAISS_FILE
+from server.index.folder import IndexFolder
+from server.index.types import code_bytes_per_item, new_faiss_index
 from server.triton import free_port
 
 log = logging.getLogger(__name__)

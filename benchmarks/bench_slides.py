@@ -10,7 +10,7 @@
 3. Search time: archives of 100 / 1,000 / 10,000 slides, made of the real slides' mosaic
    vectors and, past the real ones, vectors sampled around them (a real mosaic plus
    Gaussian noise, renormalised); one query slide's mosaic searched and ranked
-   (server/slide_search.rank_slides), exact (flat) and compact (IVF-PQ) index.
+   (server/slides/search.rank_slides), exact (flat) and compact (IVF-PQ) index.
 
 Everything is cached in the work folder, so a rerun measures without re-rendering.
 """
@@ -30,10 +30,10 @@ from PIL import Image
 from benchmarks.results_files import figure, write_results
 from histoseek.imaging import resize_and_crop
 from histoseek.metrics import majority_label
-from server.build import build_index
-from server.index import MANIFEST_FILE, IndexFolder
-from server.index_types import new_faiss_index, search_parameters
-from server.slide_search import NEIGHBOURS, SlideSearch, rank_slides
+from server.index.build import build_index
+from server.index.folder import MANIFEST_FILE, IndexFolder
+from server.index.types import new_faiss_index, search_parameters
+from server.slides.search import NEIGHBOURS, SlideSearch, rank_slides
 from server.search import SearchCore
 from server.embedder import Embedder
 

@@ -12,8 +12,8 @@ from benchmarks.results_files import write_results
 from benchmarks.served_models import encoder_names, prepare_models, running_triton
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
-from server.build import build_index
-from server.index import MANIFEST_FILE
+from server.index.build import build_index
+from server.index.folder import MANIFEST_FILE
 from training.data.synthetic import synthesize
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ import numpy as np
 
 from benchmarks.results_files import figure, write_results
 from benchmarks.vectors import realistic, recall_at_10
-from export.onnx_export import ContractModel
+from training.contract import ContractModel
 from histoseek.dataset import Dataset, read_dataset
 from histoseek.metrics import retrieval_metrics
-from server.index_types import code_bytes_per_item, new_faiss_index
+from server.index.types import code_bytes_per_item, new_faiss_index
 from training import checkpoint
 from training.evaluate import embed_dataset
 from training.train import TrainConfig, train

@@ -22,15 +22,16 @@ import torch
 
 from benchmarks.colour_histogram import colour_histogram_metrics
 from benchmarks.frozen_backbone import frozen_backbone
+from benchmarks.machine import project_relative
 from benchmarks.results_files import figure, write_results
-from export.onnx_export import ContractModel
+from training.contract import ContractModel
 from histoseek.collapse import similarity_spread
 from histoseek.dataset import read_dataset
 from histoseek.metrics import embedding_retrieval_metrics
-from histoseek.quickstart import DEMO_COLLECTION, QUICKSTART_EPOCHS
 from training import checkpoint
 from training.encoders.registry import EncoderSpec, get_encoder
 from training.evaluate import embed_dataset
+from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS
 from training.train import TrainConfig, train
 
 log = logging.getLogger("benchmarks.demo_quality")
@@ -96,7 +97,7 @@ def main() -> None:
     tuned, tuned_emb = row(f"{args.encoder} fine-tuned {config['minutes']:.1f} min ({config['steps']} steps)",
                            model, spec, dataset)
     colour = {"model": "colour histogram", "metrics": colour_histogram_metrics(dataset, dataset, KS)}
-    report = {"collection": str(args.collection), "encoder": args.encoder, "train_minutes": config["minutes"],
+    report = {"collection": project_relative(args.collection), "encoder": args.encoder, "train_minutes": config["minutes"],
               "steps": config["steps"], "rows": [colour, frozen, tuned]}
     upper = np.triu_indices(len(dataset), k=1)
     pairwise = {r["model"]: (e @ e.T)[upper] for r, e in ((frozen, frozen_emb), (tuned, tuned_emb))}

@@ -76,7 +76,7 @@ def markdown(rows: list[dict], settings: dict, gpu: str | None) -> str:
               f"Weights: {'; '.join(weights)}.",
               "", "GPU (onnxruntime CUDA/TensorRT in FP16, faiss-gpu, Triton at batch 64–256): "
               + (f"measured on {gpu}." if gpu else "**not measured** — this machine has no GPU; "
-                 "rerun the same command on a GPU machine after `make setup` with `--batch 1,16,64` (Triton's "
+                 "rerun the same command on a GPU machine after `make setup` with `--batch 1 16 64` (Triton's "
                  "exported `max_batch_size` is 64: raise `MAX_BATCH_SIZE` in `export/triton_config.py` for 128–256).")]
     return "\n".join(lines) + "\n"
 

@@ -5,6 +5,9 @@ import os
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def _cpu_model() -> str:
@@ -30,5 +33,29 @@ def machine_stamp() -> dict:
     return {
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "versions": versions, "command": " ".join(sys.argv),
+        "python": platform.python_version(), "versions": versions, "command": project_command(sys.argv),
     }
+
+
+def project_command(argv: list[str]) -> str:
+    """The command as someone would retype it in the project folder on another machine:
+    `histoseek …` or `python -m benchmarks.…`, with paths inside the project made relative."""
+    program = Path(argv[0])
+    if program.name == "histoseek" or program.name == "__main__.py" and program.parent.name == "histoseek_cli":
+        words = ["histoseek"]
+    elif program.suffix == ".py" and _inside(program):
+        module = program.resolve().relative_to(PROJECT).with_suffix("")
+        words = ["python", "-m", ".".join(module.parts)]
+    else:
+        words = [argv[0]]
+    words += [project_relative(arg) if arg.startswith("/") else arg for arg in argv[1:]]
+    return " ".join(words)
+
+
+def project_relative(path: str | Path) -> str:
+    """`path` relative to the project folder when it lies inside it, else as given."""
+    return str(Path(path).resolve().relative_to(PROJECT)) if _inside(Path(path)) else str(path)
+
+
+def _inside(path: Path) -> bool:
+    return path.resolve().is_relative_to(PROJECT)

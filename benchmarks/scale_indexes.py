@@ -18,10 +18,10 @@ import numpy as np
 
 from benchmarks.timing import summarise
 from benchmarks.vectors import realistic, recall_at_10
-from server.build import write_index_folder
-from server.filters import ItemFilter
-from server.index import IndexFolder
-from server.store import Item
+from server.index.build import write_index_folder
+from server.index.filters import ItemFilter
+from server.index.folder import IndexFolder
+from server.index.store import Item
 
 log = logging.getLogger(__name__)
 SITES, SLIDE_TILES, K = 100, 200, 10

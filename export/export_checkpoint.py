@@ -14,7 +14,8 @@ import numpy as np
 from export.onnx_export import export_onnx
 from export.repository import write_model_version
 from export.triton_config import MAX_QUEUE_DELAY_US
-from export.verify import sample_images, verify_onnx
+from export.verify import verify_onnx
+from histoseek.dataset import sample_images
 from histoseek import collapse
 from histoseek.errors import HistoseekError
 from training import checkpoint

@@ -15,28 +15,11 @@ import torch
 from torch import nn
 
 from histoseek import atomic
+from training.contract import ContractModel
 from training.encoders.registry import EncoderSpec
 
 log = logging.getLogger(__name__)
 OPSET = 18
-
-
-class ContractModel(nn.Module):
-    """uint8 NHWC images -> L2-normalised embeddings; the exported graph."""
-
-    def __init__(self, backbone: nn.Module, spec: EncoderSpec) -> None:
-        super().__init__()
-        self.backbone = backbone
-        # Folding the 1/255 scaling into mean and std saves one op per pixel.
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        # An encoder may define its own unit-norm output (SPQ: per sub-vector), else plain L2.
-        custom = getattr(self.backbone, "normalise_output", None)
-        return custom(self.backbone(x)) if custom else nn.functional.normalize(self.backbone(x), dim=1)
 
 
 def export_onnx(backbone: nn.Module, spec: EncoderSpec, path: Path, *, fp16: bool = False) -> Path:

@@ -13,30 +13,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from histoseek.dataset import Dataset, read_dataset
 from histoseek.errors import HistoseekError
-from histoseek.imaging import load_model_input
-from export.onnx_export import ContractModel
+from training.contract import ContractModel
 from training.encoders.registry import EncoderSpec
 
 log = logging.getLogger(__name__)
 TOLERANCE_FP32 = 1e-4
 # Half precision keeps about three significant digits of a unit-norm embedding.
 TOLERANCE_FP16 = 2e-2
-
-
-def sample_images(data: Path | Dataset, size: int, count: int = 32) -> np.ndarray:
-    """Up to `count` tiles spread over the dataset's classes, as uint8 `[N, S, S, 3]`."""
-    dataset = data if isinstance(data, Dataset) else read_dataset(data)
-    by_label: dict[str, list] = {}
-    for item in dataset.items:
-        by_label.setdefault(item.label, []).append(item)
-    picked = []
-    while len(picked) < count and any(by_label.values()):
-        for items in by_label.values():
-            if items and len(picked) < count:
-                picked.append(items.pop(0))
-    return np.stack([load_model_input(dataset.absolute(item), size) for item in picked])
 
 
 def verify_onnx(backbone: torch.nn.Module, spec: EncoderSpec, onnx_path: Path, images: np.ndarray,

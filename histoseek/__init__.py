@@ -1,6 +1,7 @@
-"""HistoSeek: content-based retrieval of H&E histopathology patches.
+"""HistoSeek's ground: the small torch-free pieces every stage shares.
 
-This package holds the command line and the small torch-free pieces that every stage
-shares (dataset manifests, image decoding, atomic writes, retrieval metrics), so that
-`server/` and `demo/` can use them without importing torch or `training/`.
+Dataset manifests, image decoding, slide reading (`slides/`), atomic writes, checksums,
+retrieval metrics, errors and child processes. It imports no stage (`training`, `export`,
+`server`, `demo`, `benchmarks`) and not the command line (`histoseek_cli`), so that every
+stage, including the torch-free `server/` and `demo/`, can build on it.
 """

@@ -16,8 +16,11 @@ import io
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from histoseek import atomic
 from histoseek.errors import HistoseekError
+from histoseek.imaging import load_model_input
 
 MANIFEST_NAME = "manifest.csv"
 SLIDES_NAME = "slides.csv"  # whole slides the tiles were cut from (data prepare --format slides)
@@ -143,3 +146,17 @@ def read_slides_table(root: Path | str) -> list[dict]:
         return []
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def sample_images(data: Path | Dataset, size: int, count: int = 32) -> np.ndarray:
+    """Up to `count` tiles spread over the dataset's classes, as uint8 `[N, S, S, 3]`."""
+    dataset = data if isinstance(data, Dataset) else read_dataset(data)
+    by_label: dict[str, list] = {}
+    for item in dataset.items:
+        by_label.setdefault(item.label, []).append(item)
+    picked = []
+    while len(picked) < count and any(by_label.values()):
+        for items in by_label.values():
+            if items and len(picked) < count:
+                picked.append(items.pop(0))
+    return np.stack([load_model_input(dataset.absolute(item), size) for item in picked])

@@ -16,7 +16,7 @@ from histoseek.errors import HistoseekError
 
 def histoseek_command(*args: object) -> list[str]:
     """The command line of `histoseek ARGS…` with this very Python (and its environment)."""
-    return [sys.executable, "-m", "histoseek.cli", *map(str, args)]
+    return [sys.executable, "-m", "histoseek_cli", *map(str, args)]
 
 
 def wait_http(url: str, what: str, process: subprocess.Popen, *, output: str = "its output above",

@@ -15,9 +15,9 @@ from tqdm import tqdm
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
 from histoseek.metrics import retrieval_metrics
-from server.filters import ItemFilter
+from server.index.filters import ItemFilter
 from server.embedder import Embedder
-from server.index import IndexFolder
+from server.index.folder import IndexFolder
 from server.search import SearchCore
 
 

@@ -2,7 +2,7 @@
 
 Memory: the bytes Pillow allocates for the decoded image and for the conversions that
 follow (see histoseek/imaging.py for their order), as an upper bound, so that the decode
-budget (server/admission.py) can hold N concurrent decodes under the configured total.
+budget (server/api/admission.py) can hold N concurrent decodes under the configured total.
 CPU: a progressive JPEG is decoded once per scan over the whole image; encoders write
 10 or so, a crafted file a thousand (14 s for 162 KB), so the scans are counted first.
 """

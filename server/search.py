@@ -1,7 +1,7 @@
 """The search core: image bytes -> decode -> preprocess -> Triton embedding -> index search
 (FAISS or Milvus, filtered inside the search).
 
-The API (server/app.py) and the served-path evaluation (server/evaluate_served.py) both
+The API (server/api/app.py) and the served-path evaluation (server/evaluate_served.py) both
 go through `SearchCore`, so what is evaluated is exactly what is served. The core also
 guards the pairing of index and model: it refuses to embed with a served model whose
 checksum or dimension differs from the index's (checked again every few seconds, as
@@ -20,12 +20,12 @@ from PIL import Image
 from histoseek.errors import HistoseekError
 from histoseek.imaging import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, resize_and_crop
 from histoseek.metrics import majority_label
-from server.admission import Stopped
+from server.job import Stopped
 from server.embedder import Embedder
 from server.image_cost import check_scans
-from server.filters import ItemFilter
-from server.index import Hit, IndexFolder, ModelMismatch, check_model
-from server.store import thumbnail_jpeg
+from server.index.filters import ItemFilter
+from server.index.folder import Hit, IndexFolder, ModelMismatch, check_model
+from server.index.store import thumbnail_jpeg
 
 __all__ = ["BadImage", "ImageTooLarge", "SearchCore", "SearchOutcome"]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from histoseek.errors import HistoseekError
 from server.embedder import Embedder
-from server.filters import ItemFilter
-from server.index import IndexFolder
+from server.index.filters import ItemFilter
+from server.index.folder import IndexFolder
 from server.search import SearchCore
 
 

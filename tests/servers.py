@@ -41,12 +41,12 @@ def wait_ready(url: str, alive: Callable[[], bool], timeout: float = 60) -> None
 def served_in_thread(app, ready: bool = False, settings=None) -> Iterator[str]:
     """`app` under uvicorn on a free loopback port, in a daemon thread: its base URL once
     listening, or with `ready` once `/readyz` answers 200 (Triton reached, indexes loaded).
-    With `settings` (server.settings.Settings), uvicorn runs as `histoseek serve` deploys it
+    With `settings` (server.api.settings.Settings), uvicorn runs as `histoseek serve` deploys it
     (its h11 protocol with header, body and keep-alive timeouts)."""
     if settings is None:
         config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
     else:
-        from server.protocol import uvicorn_config
+        from server.api.protocol import uvicorn_config
 
         config = uvicorn_config(app, "127.0.0.1", free_port(), settings, log_level="warning")
     server = uvicorn.Server(config)

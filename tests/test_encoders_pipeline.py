@@ -11,9 +11,9 @@ import pytest
 from export.export_checkpoint import export_checkpoint
 from histoseek.dataset import read_dataset
 from server import triton
-from server.build import build_index
+from server.index.build import build_index
 from server.embedder import Embedder
-from server.index import IndexFolder
+from server.index.folder import IndexFolder
 from server.search import SearchCore
 from tests.servers import distinct_free_ports
 from training.encoders.registry import get_encoder, list_encoders

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from export.onnx_export import ContractModel
+from training.contract import ContractModel
 from histoseek import collapse
 from histoseek.dataset import Dataset, read_split
 from histoseek.imaging import load_model_input

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
 from tqdm import tqdm
 
-from export.onnx_export import ContractModel
-from export.verify import sample_images
+from training.contract import ContractModel
+from histoseek.dataset import sample_images
 from histoseek import collapse
 from histoseek.dataset import Dataset, read_split
 from histoseek.errors import HistoseekError

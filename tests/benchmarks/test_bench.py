@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.commands import bench_encoders_command, bench_search_command
-from server.build import build_index
+from server.index.build import build_index
 
 pytestmark = pytest.mark.slow  # exports a model and starts Triton and the API
 
@@ -89,9 +89,9 @@ def test_bench_search_on_a_users_index(tmp_path, synth_data, triton_server):
 
 
 def test_unknown_encoder_and_missing_triton_url_are_clear_errors(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "histoseek.cli", "bench", "encoders", "--encoders", "nope",
+    run = subprocess.run([sys.executable, "-m", "histoseek_cli", "bench", "encoders", "--encoders", "nope",
                           "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown encoder 'nope'; registered: barlowtwins" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "histoseek.cli", "bench", "search", "--index", str(tmp_path),
+    run = subprocess.run([sys.executable, "-m", "histoseek_cli", "bench", "search", "--index", str(tmp_path),
                           "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "--index needs --triton-url" in run.stderr

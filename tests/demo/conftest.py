@@ -36,8 +36,8 @@ def page(browser):
 @pytest.fixture(scope="session")
 def search_api(tmp_path_factory, triton_server, synth_data) -> str:
     """URL of a real search API serving a flat index of `synth_data` embedded by Triton's `tiny`."""
-    from server.app import create_app
-    from server.build import build_index
+    from server.api.app import create_app
+    from server.index.build import build_index
     from tests.servers import served_in_thread
 
     indexes = tmp_path_factory.mktemp("indexes")

@@ -16,8 +16,8 @@ TIMEOUT_MS = 30_000
 
 @pytest.fixture(scope="module")
 def slides_api(tmp_path_factory, triton_server) -> str:
-    from server.app import create_app
-    from server.build import build_index
+    from server.api.app import create_app
+    from server.index.build import build_index
     from tests.servers import served_in_thread
     from training.data.prepare_slides import prepare_slides
     from training.data.synthetic_slides import synthesize_slides

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from export.export_checkpoint import export_checkpoint
-from export.onnx_export import ContractModel, export_onnx
-from export.verify import sample_images, verify_onnx
+from export.onnx_export import export_onnx
+from training.contract import ContractModel
+from export.verify import verify_onnx
+from histoseek.dataset import sample_images
 from histoseek.errors import HistoseekError
 from training.encoders.registry import get_encoder, list_encoders
 

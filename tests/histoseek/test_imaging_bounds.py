@@ -17,7 +17,7 @@ from PIL import Image
 from histoseek.errors import HistoseekError
 from histoseek.imaging import (REDUCE_ABOVE_PIXELS, ImageShapeRefused, ImageTooLarge, _reduce, _stretch_to_l,
                                decode_image, read_header, resize_and_crop)
-from server.fields import MAX_ID, InvalidField, NoSuchId, item_id, text_field, upload_name
+from server.index.fields import MAX_ID, InvalidField, NoSuchId, item_id, text_field, upload_name
 from server.image_cost import MAX_JPEG_SCANS, check_scans, decode_bytes, jpeg_scans
 from tests.images import encode
 

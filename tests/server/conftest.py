@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import Settings, create_app
-from server.build import build_index
+from server.api.app import Settings, create_app
+from server.index.build import build_index
 from tests.servers import served_in_thread
 
 

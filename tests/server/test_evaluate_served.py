@@ -10,7 +10,7 @@ from histoseek.imaging import load_model_input
 from histoseek.metrics import exact_neighbours, retrieval_metrics
 from server.embedder import Embedder
 from server.evaluate_served import evaluate_index
-from server.build import build_index
+from server.index.build import build_index
 
 KS = [1, 3, 5]
 

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from server import triton
-from server.app import Settings
-from server.backends.faiss_backend import FAISS_FILE, faiss_ids
-from server.build import build_index
-from server.index import MANIFEST_FILE, STORE_FILE, IndexFolder
-from server.store import Item
+from server.api.app import Settings
+from server.index.backends.faiss_backend import FAISS_FILE, faiss_ids
+from server.index.build import build_index
+from server.index.folder import MANIFEST_FILE, STORE_FILE, IndexFolder
+from server.index.store import Item
 from tests.images import png
 from tests.servers import start_api_process
 

@@ -60,7 +60,7 @@ def test_splits_and_their_errors(tmp_path, random_checkpoint):
 
 def test_evaluation_embeds_like_the_exported_model(tmp_path, synth_data, random_checkpoint):
     from training.evaluate import embed_dataset
-    from export.onnx_export import ContractModel
+    from training.contract import ContractModel
 
     backbone, spec = checkpoint.load_backbone(random_checkpoint)
     dataset = read_dataset(synth_data)

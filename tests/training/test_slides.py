@@ -15,12 +15,12 @@ from PIL import Image
 
 from histoseek.dataset import read_dataset, read_slides_table, write_manifest
 from histoseek.errors import HistoseekError
-from training.data.mosaic import select_mosaic
+from histoseek.slides.mosaic import select_mosaic
 from training.data.prepare_slides import list_slides, prepare_slides
-from training.data.slide_plan import plan_slide
-from training.data.slides import Slide, SlideError, mpp_for
+from histoseek.slides.plan import plan_slide
+from histoseek.slides.reader import Slide, SlideError, mpp_for
 from training.data.synthetic_slides import CELL, make_slide, slide_spec, synthesize_slides
-from training.data.tissue_mask import MASK_MPP, tissue_mask
+from histoseek.slides.tissue_mask import MASK_MPP, tissue_mask
 
 SIZE = 2048
 
@@ -186,7 +186,7 @@ def test_old_manifests_read_and_plain_manifests_keep_their_columns(tmp_path):
 
 
 def test_cli_synthesises_and_prepares_slides(tmp_path, capsys):
-    from histoseek.cli import main
+    from histoseek_cli.main import main
 
     main(["data", "synth", "--slides", "2", "--classes", "2", "--slide-size", "1024", "--out", str(tmp_path / "s")])
     assert "wrote 2 slides" in capsys.readouterr().out

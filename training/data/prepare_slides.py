@@ -2,7 +2,7 @@
 
 Slides are found as `<src>/<label>/<slide file>` or, with `--labels CSV` (columns `slide`,
 `label`; `slide` is the file's path under src, its name or its stem), anywhere under src.
-Each slide is planned from its low level (training/data/slide_plan.py), then its tiles are
+Each slide is planned from its low level (histoseek/slides/plan.py), then its tiles are
 read one at a time, written as PNG and forgotten, so memory stays flat whatever the slide's
 size. A slide that cannot be opened or read to the end (unsupported, truncated, no
 resolution) is reported and skipped; its tiles already written are removed.
@@ -29,9 +29,9 @@ from histoseek import atomic
 from histoseek.dataset import SLIDES_NAME, DatasetItem, write_manifest
 from histoseek.errors import HistoseekError
 from training.data.folders import check_output_folder, subfolders
-from training.data.slide_plan import MASK_FRACTION, plan_slide
-from training.data.slides import Slide, SlideError, is_slide_file
-from training.data.mosaic import MINIMUM, SHARE
+from histoseek.slides.plan import MASK_FRACTION, plan_slide
+from histoseek.slides.reader import Slide, SlideError, is_slide_file
+from histoseek.slides.mosaic import MINIMUM, SHARE
 from training.data.tiling import StainNormalizer, tissue_fraction
 
 log = logging.getLogger(__name__)

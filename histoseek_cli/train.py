@@ -1,0 +1,41 @@
+"""`histoseek train`: train an encoder into a checkpoint folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> None:
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
+                      epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
+                      init=args.init, split=args.split, seed=args.seed,
+                      workers=args.workers, fresh=args.fresh, bits=args.bits)
+    try:
+        out = train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(f"checkpoint written to {out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train an encoder; writes a checkpoint folder")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float, help="time budget; the schedules follow the clock")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--init", help="where training starts: 'imagenet' (the ImageNet weights that install with "
+                                  "HistoSeek; the cpu presets' default), a weights file (DINO, timm, torchvision, "
+                                  "open_clip, lightly, …), 'timm:NAME' (timm's pretrained weights; needs the "
+                                  "network) or 'none' (random weights; the scratch presets' default)")
+    p.add_argument("--split", help="train on this split of a prepared dataset only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    p.add_argument("--bits", type=int, help="code length of a quantizing encoder (spq: 16, 32 or 64)")
+    p.set_defaults(func=run)
