@@ -1,8 +1,9 @@
 """Embedding on a Ray cluster: `index build … --ray [ADDRESS]` and `index add … --ray [ADDRESS]`.
 
 The items to embed become a Ray Dataset of (batch number, position, path) rows, the
-batches being the single-process build's `--batch` chunks of the item list. Ray tasks
-decode and resize the images (`server/index/prepare.py`, as the single-process build does); an
+batches being the single-process build's `--batch` chunks of the item list. A pool of
+decoding actors (growing with the queue into the free CPUs) decodes and resizes the images
+(`server/index/prepare.py`, as the single-process build does); an
 actor pool (Ray Data `map_batches` with an actor class; by default one actor per node
 with CPUs, Ray Data spreading them over the nodes) embeds them. Each actor is a Triton client of its node's own Triton
 (`--triton-url`, default localhost:8001) or, with `--ray-engine onnxruntime`, an
@@ -45,11 +46,10 @@ from server.index.prepare import prepare_file
 log = logging.getLogger(__name__)
 
 ENGINES = ("triton", "onnxruntime")
-# Ray scheduling reservations, not limits. An actor mostly waits on Triton (onnxruntime's
-# threads ignore reservations anyway); decoding is CPU work but also waits on file reads.
-# So a one-CPU node runs an actor and a decoding task at once, and the two reservations
-# differ so that Ray Data keeps decoding in tasks of its own instead of fusing it into the
-# actors (a fused actor decodes, then embeds, never both at once).
+# Ray scheduling reservations, not limits. An embedding actor mostly waits on Triton
+# (onnxruntime's threads ignore reservations anyway); decoding is CPU work but also waits on
+# file reads. So a one-CPU node runs an embedding actor and a decoding actor at once, each
+# in its own process (a fused actor would decode, then embed, never both at once).
 _ACTOR_CPUS = 0.25
 _DECODE_CPUS = 0.5
 ACTOR_START_TIMEOUT_S = 300
@@ -169,7 +169,7 @@ def _node() -> tuple[str, str]:
 # would hand it only a traceback's text.
 
 def _decode(rows: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray task: images decoded, resized and cropped as a query is, with their thumbnails."""
+    """Images decoded, resized and cropped as a query is, with their thumbnails."""
 
     count = len(rows["path"])
     pixels = np.zeros((count, size, size, 3), np.uint8)
@@ -181,6 +181,22 @@ def _decode(rows: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
             errors[i] = str(exc)
     return {"number": rows["number"], "position": rows["position"], "thumbnail": thumbnails,
             "pixels": pixels, "error": errors}
+
+
+class DecodeActor:
+    """Ray actor: `_decode` in a process that lives as long as the build.
+
+    Decoding ran in Ray tasks before. A raylet keeps no more idle workers than its node has
+    CPUs and kills the others after a second; once decoding fell behind (a build resumed
+    after its driver was killed did, every time), each batch's task waited for a fresh
+    worker process to start and import everything (about 1.5 s on 2 cores), and a
+    90-batch build took 140 s instead of 10. Actors are never reaped as idle workers."""
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _decode(rows, self._size)
 
 
 class EmbedActor:
@@ -276,8 +292,9 @@ def connected(address: str) -> Iterator[None]:
         ray.shutdown()
 
 
-def _dataset(todo: list[tuple[int, list[Path]]], model: _Model, batch: int, workers: int):
-    """The rows to embed -> decoded by tasks -> embedded by `workers` actors. Ray Data's actor
+def _dataset(todo: list[tuple[int, list[Path]]], model: _Model, batch: int, workers: int, decoders: int):
+    """The rows to embed -> decoded by `workers` to `decoders` actors -> embedded by `workers`
+    actors. Ray Data's actor
     pools spread their actors over the nodes and restart a killed one (max_restarts=-1),
     retrying the batches it held (max_task_retries=-1): its defaults, which Ray 2.60 no longer
     lets map_batches name."""
@@ -296,7 +313,8 @@ def _dataset(todo: list[tuple[int, list[Path]]], model: _Model, batch: int, work
         for key, value in settings.items():
             setattr(context, key, value)
         return (ray.data.from_items(rows, override_num_blocks=len(todo))
-                .map_batches(_decode, fn_kwargs={"size": model.input_size}, batch_size=batch,
+                .map_batches(DecodeActor, fn_constructor_kwargs={"size": model.input_size}, batch_size=batch,
+                             compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=decoders),
                              num_cpus=_DECODE_CPUS)
                 .map_batches(EmbedActor, fn_constructor_kwargs={"model": model, "batch": batch}, batch_size=batch,
                              compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=_ACTOR_CPUS))
@@ -330,20 +348,23 @@ def embed_batches(paths: list[Path], model: ModelSource, *, batch: int, skip: se
         stats.node_names = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in nodes}
         workers = workers or max(1, sum(n["Resources"].get("CPU", 0) > 0 for n in nodes))
         cpus = ray.cluster_resources().get("CPU", 0)
-        if workers * _ACTOR_CPUS + _DECODE_CPUS > cpus:
-            raise HistoseekError(f"{workers} embedding actors take {workers * _ACTOR_CPUS:g} CPUs of the Ray "
-                                 f"cluster's {cpus:g}, and decoding needs {_DECODE_CPUS:g} more; ask for fewer "
-                                 "with --ray-workers, or add nodes")
+        if workers * (_ACTOR_CPUS + _DECODE_CPUS) > cpus:
+            raise HistoseekError(f"{workers} embedding actors and as many decoding actors take "
+                                 f"{workers * (_ACTOR_CPUS + _DECODE_CPUS):g} CPUs, more than the Ray cluster's "
+                                 f"{cpus:g}; ask for fewer with --ray-workers, or add nodes")
+        # Decoding scales up with the queue into the CPUs the embedding actors leave free.
+        decoders = max(workers, int((cpus - workers * _ACTOR_CPUS) // _DECODE_CPUS))
         log.info("embedding %d batches (%d tiles; %d saved already) on Ray with %d %s actors on %d nodes",
                  len(todo), sum(sizes.values()), len(skip), workers, engine, len(nodes),
                  extra={"ray_batches": len(todo), "ray_saved": len(skip)})
         start = time.monotonic()
         try:
             with _quiet_console("ray.data"):
-                yield from _collect(_dataset(todo, actor_model, batch, workers), sizes, stats, start, progress)
+                yield from _collect(_dataset(todo, actor_model, batch, workers, decoders), sizes, stats, start,
+                                    progress)
         except ray.exceptions.GetTimeoutError:
             raise HistoseekError(f"the Ray cluster did not start {workers} embedding actors within "
-                                 f"{ACTOR_START_TIMEOUT_S}s (each takes {_ACTOR_CPUS} CPU, and each decoding task "
+                                 f"{ACTOR_START_TIMEOUT_S}s (each takes {_ACTOR_CPUS} CPU, and each decoding actor "
                                  f"{_DECODE_CPUS}); ask for fewer with --ray-workers, or add nodes") from None
         stats.seconds = time.monotonic() - start
     if sizes:
