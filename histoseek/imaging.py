@@ -55,6 +55,19 @@ class ImageShapeRefused(HistoseekError):
     """Sides so unequal that the image cannot be a patch (decided from the header)."""
 
 
+class TooManyChunks(HistoseekError):
+    """A PNG made of more chunks than any image needs (decided before Pillow reads them)."""
+
+
+# Pillow reads every chunk of a PNG before its pixels (text, and each checked for its CRC),
+# however many there are: 80,000 text chunks cost seconds before the first pixel. Real PNGs
+# carry a handful of metadata chunks and image data in chunks of 8 KB or more, so a file of
+# more than these is refused, by walking the chunk lengths alone (seeks, no CRC, no text).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_META_CHUNKS = 1_000  # chunks other than IDAT
+MAX_PNG_CHUNKS = 20_000  # all of them (20 MB in IDATs of 1 KB)
+
+
 @dataclass(frozen=True)
 class Header:
     format: str
@@ -101,11 +114,41 @@ class _CheckedStream(io.BytesIO):
 def read_header(data: bytes | io.BufferedIOBase, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 max_aspect: float | None = None, name: str = "image") -> Header:
     """Format, mode and size from the header alone, with the limits checked; a clear error otherwise."""
+    if max_pixels is not None:  # untrusted: bound what Pillow's PNG reader may be made to do
+        _check_png_chunks(data, name)
     with _decoding_errors(name, max_pixels):
         with _open(data, trusted=max_pixels is None) as image:
             _check_shape(image, max_pixels, max_aspect, name)
             progressive = image.format in JPEG_FORMATS and bool(image.info.get("progressive"))
             return Header(image.format, image.mode, image.size, progressive)
+
+
+def _check_png_chunks(data: bytes | io.BufferedIOBase, name: str) -> None:
+    """Refuse a PNG of more chunks than an image needs (TooManyChunks), from their lengths;
+    its cost is bounded by MAX_PNG_CHUNKS seeks whatever the file. Other formats pass."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    start = stream.tell()
+    try:
+        if stream.read(8) != PNG_SIGNATURE:
+            return
+        chunks = meta = 0
+        while True:
+            head = stream.read(8)
+            if len(head) < 8:
+                return  # truncated: Pillow says so
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            chunks += 1
+            meta += kind != b"IDAT"
+            if meta > MAX_PNG_META_CHUNKS or chunks > MAX_PNG_CHUNKS:
+                raise TooManyChunks(
+                    f"{name} is a PNG of more than {MAX_PNG_META_CHUNKS:,} metadata chunks or {MAX_PNG_CHUNKS:,} "
+                    "chunks in all, which no image needs (text stuffed into it?); save it again without the "
+                    "metadata, e.g. re-export it as a plain PNG or a JPEG")
+            if kind == b"IEND":
+                return
+            stream.seek(length + 4, io.SEEK_CUR)  # data and CRC
+    finally:
+        stream.seek(start)
 
 
 def _check_shape(image: Image.Image, max_pixels: int | None, max_aspect: float | None, name: str) -> None:

@@ -96,9 +96,11 @@ class SearchCore:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return resize_and_crop(image, self.model_size())
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
+    def embed(self, images: np.ndarray, priority: int = 0) -> np.ndarray:
+        """`priority`: Triton's request priority (0: the model's default, interactive; larger
+        numbers wait behind smaller ones: server.embedder.BACKGROUND for slide mosaics)."""
         self.verify_model()
-        return self.embedder.embed(images)
+        return self.embedder.embed(images, priority=priority)
 
     def search(self, data: bytes, k: int, name: str = "image", check: Check = _never,
                where: ItemFilter | None = None) -> SearchOutcome:

@@ -31,8 +31,19 @@ OVERVIEW_MAX_SIDE = 2048
 OVERVIEW_STRIP_ROWS = 64
 
 
+# Level-0 resolutions a scanner records: 100x oil is ~0.1 µm/px, a 1x overview ~10. Outside
+# these bounds the slide's resolution is mislabelled (a TIFF's resolution in inches read as
+# cm, a default of 1 px/unit), and tiling it would read nonsense at the wrong scale.
+MIN_SLIDE_MPP, MAX_SLIDE_MPP = 0.05, 20.0
+
+
 class SlideError(HistoseekError):
     """A slide that cannot be read, or read at the requested resolution."""
+
+
+def _without(exc: Exception, path: Path, name: str) -> str:
+    """OpenSlide's message with the file's path replaced by the slide's name."""
+    return str(exc).replace(str(path), name)
 
 
 def mpp_for(mpp: float | None, magnification: float | None) -> float:
@@ -55,18 +66,26 @@ class TileReading:
 class Slide:
     """An open slide: its size, resolution and levels, and reads at a target µm/px."""
 
-    def __init__(self, path: Path | str, slide_mpp: float | None = None):
+    def __init__(self, path: Path | str, slide_mpp: float | None = None, *, name: str | None = None):
+        """`name`: what messages call the slide (an upload's own file name: the temporary file
+        it was saved to is the server's business, never the client's); default its path."""
         import openslide  # the native library loads only when slides are used
 
         self.path = Path(path)
+        self.name = name or str(self.path)
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
-            raise SlideError(f"{self.path} is not a slide OpenSlide can read (SVS, NDPI, MRXS, tiled TIFF, …)") from None
+            raise SlideError(f"{self.name} is not a slide OpenSlide can read (SVS, NDPI, MRXS, tiled TIFF, …)") from None
         except (openslide.OpenSlideError, OSError) as exc:
-            raise SlideError(f"cannot open slide {self.path}: {exc}") from None
+            raise SlideError(f"cannot open slide {self.name}: {_without(exc, self.path, self.name)}") from None
         self._error = openslide.OpenSlideError
         self.mpp = slide_mpp if slide_mpp is not None else self._own_mpp()
+        if not MIN_SLIDE_MPP <= self.mpp <= MAX_SLIDE_MPP:
+            self.close()
+            raise SlideError(f"{self.name} records {self.mpp:g} µm per level-0 pixel, which no scanner gives "
+                             f"(they scan at {MIN_SLIDE_MPP:g}-{MAX_SLIDE_MPP:g} µm/px; 0.25 at 40x, 0.5 at 20x): its "
+                             "resolution is mislabelled; give the right one with --slide-mpp")
 
     def _own_mpp(self) -> float:
         props = self._slide.properties
@@ -74,11 +93,11 @@ class Slide:
             x, y = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
         except (KeyError, ValueError):
             self.close()
-            raise SlideError(f"{self.path} records no resolution (openslide.mpp-x); give it with --slide-mpp "
+            raise SlideError(f"{self.name} records no resolution (openslide.mpp-x); give it with --slide-mpp "
                              "(µm per level-0 pixel, e.g. 0.25 for a 40x scan)") from None
         if not (x > 0 and y > 0) or abs(x - y) > 0.05 * x:
             self.close()
-            raise SlideError(f"{self.path} has non-square or invalid pixels ({x} x {y} µm); give --slide-mpp")
+            raise SlideError(f"{self.name} has non-square or invalid pixels ({x} x {y} µm); give --slide-mpp")
         return x
 
     # -- geometry -------------------------------------------------------------------------
@@ -110,7 +129,7 @@ class Slide:
 
     def tiling(self, tile: int, target_mpp: float) -> TileReading:
         if target_mpp < self.mpp * 0.99:
-            raise SlideError(f"{self.path} is scanned at {self.mpp:.3g} µm/px; it cannot give {target_mpp:g} µm/px "
+            raise SlideError(f"{self.name} is scanned at {self.mpp:.3g} µm/px; it cannot give {target_mpp:g} µm/px "
                              "without inventing detail: choose a coarser --mpp")
         level = self.level_for(target_mpp)
         footprint = max(1, round(tile * target_mpp / self.mpp))
@@ -125,7 +144,8 @@ class Slide:
         try:
             region = self._slide.read_region((int(x), int(y)), int(level), (int(size[0]), int(size[1])))
         except self._error as exc:
-            raise SlideError(f"{self.path}: cannot read ({x}, {y}) at level {level}: {exc}") from None
+            raise SlideError(f"{self.name} is damaged or truncated: cannot read ({x}, {y}) at level {level} "
+                             f"({_without(exc, self.path, self.name)}); upload the whole file again") from None
         white = Image.new("RGB", region.size, (255, 255, 255))
         white.paste(region, mask=region.getchannel("A"))
         return np.asarray(white)
@@ -165,7 +185,7 @@ class Slide:
         level = self.level_for(target_mpp)
         width, height = self.level_dimensions[level]
         if width * height > (max_pixels or 64_000_000):
-            raise SlideError(f"{self.path} has no level near {target_mpp:g} µm/px (its closest is {width}x{height} px); "
+            raise SlideError(f"{self.name} has no level near {target_mpp:g} µm/px (its closest is {width}x{height} px); "
                              "convert it to a pyramidal TIFF first, e.g. with `vips tiffsave --tile --pyramid`")
         return self.level_reduced(level, max_side)
 

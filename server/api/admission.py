@@ -43,14 +43,20 @@ class Admission:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="histoseek-work")
         self.peak = 0  # the most ever reserved at once
 
-    async def run(self, cost: int, work: Callable[[Job], T], gone: Callable[[], Awaitable[bool]]) -> T:
+    def job(self) -> Job:
+        """A new request's job: its deadline is --request-timeout from now."""
+        return Job(time.monotonic() + self.timeout_s, self.timeout_s)
+
+    async def run(self, cost: int, work: Callable[[Job], T], gone: Callable[[], Awaitable[bool]],
+                  job: Job | None = None) -> T:
         """Reserve `cost` bytes, run `work(job)` in the pool, and return its result.
-        `gone()` says whether the client has disconnected."""
-        job = Job(time.monotonic() + self.timeout_s, self.timeout_s)
+        `gone()` says whether the client has disconnected; `job`: the request's, when it has
+        one already (a slide search's deadline covers its planning and its search)."""
+        job = job or self.job()
         if cost > self.budget:
             raise OverBudget(f"decoding this image needs about {megabytes(cost)}, more than the server's whole "
                              f"decode budget of {megabytes(self.budget)} (--max-decode-mb); send a smaller image")
-        await self._reserve(cost, min(self.wait_s, self.timeout_s))
+        await self._reserve(cost, max(0.0, min(self.wait_s, job.deadline - time.monotonic())))
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.pool, work, job)
         # Released when the worker returns, not when the request does: until then the memory is in use.

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -49,7 +47,8 @@ from server.image_cost import decode_bytes
 from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
 from server.api.settings import Settings
-from server.slides.search import NoSuchSlide, SlideSearch, outcome_json
+from server.api.slide_admission import SlideQueue, SlidesBusy
+from server.slides.search import NoSuchSlide, NoTissue, SlideSearch, outcome_json
 from server.slides.views import SlideUnavailable
 from server.index.store import Item
 
@@ -115,10 +114,10 @@ def _status_of(exc: HistoseekError) -> int:
         return 413
     if isinstance(exc, (NoSuchId, NoSuchSlide)):
         return 404
-    if isinstance(exc, InvalidField):
+    if isinstance(exc, (InvalidField, NoTissue)):
         return 422
     if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped, SlideUnavailable,
-                        BackendUnavailable)):
+                        BackendUnavailable, SlidesBusy)):
         return 503
     from histoseek.slides.reader import SlideError
 
@@ -155,6 +154,11 @@ class Service:
                                                check_interval_s=settings.model_check_interval_s)
         self.admission = Admission(settings.max_decode_bytes, settings.request_timeout_s, settings.decode_wait_s,
                                    settings.workers)
+        from server.api.memory import trim_freed_memory
+        from server.slides.search import MAX_QUERY_TILES
+
+        self.slide_queue = SlideQueue(settings.slide_start_rate, settings.max_queued_slides, settings.slide_workers,
+                                      MAX_QUERY_TILES, after_each=trim_freed_memory)
         # /readyz asks Triton: in a thread of its own, so that busy pools never make it late.
         self.readiness_pool = ThreadPoolExecutor(1, thread_name_prefix="histoseek-readyz")
 
@@ -374,17 +378,13 @@ def _slide_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(422, "give either the form field `slide_id` (a slide of the index) or a slide file "
                                 "in the field `slide`")
         core = svc.core(index)
-        searcher = SlideSearch(core)
-        # A query reads at most its mosaic (MAX_QUERY_TILES tiles) and one low level of at most
-        # max_pixels: that is the memory reserved from the decode budget.
-        cost = svc.settings.max_pixels * 4 + 64_000_000
         if slide_id is not None:
             slide_id = text_field("slide_id", slide_id, "the form field `slide_id`")
-            outcome = await svc.admission.run(
-                cost, lambda job: searcher.query_by_id(slide_id, k, job.check), request.is_disconnected)
-        else:
-            outcome = await svc.admission.run(cost, lambda job: _search_uploaded(searcher, slide, svc, k, job),
-                                              request.is_disconnected)
+        from server.api.slide_requests import search_slide
+
+        outcome = await search_slide(searcher=SlideSearch(core), slide_id=slide_id, upload=slide, k=k,
+                                     settings=svc.settings, admission=svc.admission, queue=svc.slide_queue,
+                                     gone=request.is_disconnected)
         return outcome_json(outcome, core.folder.name)
 
     @app.get("/v1/slides/{index}", summary="The slides an index holds tiles of")
@@ -415,31 +415,6 @@ def _slide_routes(app: FastAPI, service: Service) -> None:
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-def _search_uploaded(searcher: SlideSearch, upload: UploadFile, svc: Service, k: int, job: Job):
-    """An uploaded slide goes to a private temporary file (OpenSlide reads files), searched, deleted."""
-    name, limit = upload_name(upload.filename), svc.settings.max_upload_bytes
-    upload.file.seek(0)
-    data = upload.file.read(limit + 1)
-    if len(data) > limit:
-        raise ImageTooLarge(f"{name} is larger than {megabytes(limit)}; search with a slide of the index "
-                            "(slide_id) or raise --max-upload-mb")
-    if not data:
-        raise BadImage(f"{name} is empty: send a slide file (tiled TIFF, SVS, …)")
-    from histoseek.slides.reader import SLIDE_SUFFIXES
-
-    # OpenSlide tells formats by content, some (NDPI) by the suffix too: keep a known one.
-    suffix = Path(name).suffix.lower()
-    handle, path = tempfile.mkstemp(prefix="histoseek-slide-", suffix=suffix if suffix in SLIDE_SUFFIXES else ".tiff")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        del data
-        return searcher.query_by_file(Path(path), k, name=name, max_overview_pixels=svc.settings.max_pixels,
-                                      check=job.check)
-    finally:
-        os.unlink(path)
-
-
 def _item_id(index: str, text: str) -> int:
     try:
         return item_id(text)
@@ -458,7 +433,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             log.error("request %s failed: %s", request.url.path, exc)
         # Retry-After where waiting helps: others' decodes finish within seconds.
-        return json_error(status, str(exc), {"Retry-After": "2"} if isinstance(exc, Busy) else None)
+        retry = str(exc.retry_after) if isinstance(exc, SlidesBusy) else "2" if isinstance(exc, Busy) else None
+        return json_error(status, str(exc), {"Retry-After": retry} if retry else None)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

@@ -28,3 +28,16 @@ def return_freed_memory() -> bool:
     if not done:
         log.info("could not fix the malloc mmap threshold (not glibc?): freed decode memory may stay with the process")
     return done
+
+
+def trim_freed_memory() -> bool:
+    """Hand the free memory of every malloc heap back to the system (glibc's malloc_trim):
+    after a burst of slide searches the worker threads' heaps hold tens of MB each of freed
+    small blocks (OpenSlide's and Pillow's), which the mmap threshold does not cover. Called
+    when the slide queue empties; a few ms."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -41,6 +41,13 @@ class Settings:
     decode_wait_s: float = 5.0
     request_timeout_s: float = 30.0  # decode, embed and search of one request, then it is stopped (503)
     workers: int = 16  # threads that decode, embed and search; memory is bounded by the budget, not by them
+    # Slide searches (server/api/slide_admission.py): admitted by their tiles against the
+    # measured embedding rate, which starts at slide_start_rate tiles/s (low: a first burst
+    # is refused rather than timed out); at most max_queued_slides admitted at once, run
+    # slide_workers at a time.
+    slide_start_rate: float = 20.0
+    max_queued_slides: int = 8
+    slide_workers: int = 1
     # Connections: request headers due within header_timeout_s of opening (or of the previous
     # response), the body within body_timeout_s of the headers (20 MB at 3 Mbit/s); an idle
     # keep-alive connection is closed after keep_alive_s.

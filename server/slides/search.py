@@ -31,11 +31,36 @@ from server.index.store import SlideRecord
 NEIGHBOURS = 64  # index tiles fetched per query tile (beyond the query's own slide)
 MAX_QUERY_TILES = 256  # a query's mosaic is cut down to this many tiles (evenly, by position order)
 MATCHES_SHOWN = 5  # tile pairs returned per result slide
-EMBED_BATCH = 32
+# Tiles read and embedded at once. Small, because a patch query that reaches Triton while a
+# mosaic batch runs waits for that batch (priorities order the queue, not the running batch),
+# and because the request's stop is checked between batches.
+EMBED_BATCH = 8
 
 
 class NoSuchSlide(HistoseekError):
     """A slide id the index does not hold (404 at the API)."""
+
+
+class NoTissue(HistoseekError):
+    """A query slide whose tissue mask holds no tile: nothing to search with (422 at the API)."""
+
+
+@dataclass
+class QueryPlan:
+    """A query slide, open, with the level-0 positions of the mosaic tiles it will be searched with."""
+    opened: object  # histoseek.slides.reader.Slide
+    positions: np.ndarray  # int64 [M, 2], at most max_query_tiles
+    tile: int
+    mpp: float
+    query: str  # its name in answers
+    own: str | None  # its slide id when it is a slide of the index (never a result)
+
+    @property
+    def tiles(self) -> int:
+        return len(self.positions)
+
+    def close(self) -> None:
+        self.opened.close()
 
 
 @dataclass(frozen=True)
@@ -113,44 +138,88 @@ class SlideSearch:
 
     def query_by_id(self, slide: str, k: int, check: Callable[[], None] = lambda: None) -> SlideSearchOutcome:
         """Search with a slide of the index: its mosaic tiles, read again from its file."""
+        plan = self.plan_id(slide)
+        try:
+            return self.search_plan(plan, k, check)
+        finally:
+            plan.close()
+
+    def query_by_file(self, path: Path, k: int, *, slide_mpp: float | None = None, name: str | None = None,
+                      max_overview_pixels: int | None = None,
+                      check: Callable[[], None] = lambda: None) -> SlideSearchOutcome:
+        """Search with a slide file: planned (mask, tiles, mosaic) as the index's slides were."""
+        plan = self.plan_file(path, slide_mpp=slide_mpp, name=name, max_overview_pixels=max_overview_pixels)
+        try:
+            check()
+            return self.search_plan(plan, k, check)
+        finally:
+            plan.close()
+
+    def plan_id(self, slide: str) -> QueryPlan:
+        """A slide of the index as a query: its mosaic (as indexed), its file open."""
         from histoseek.slides.reader import Slide
 
         record = self.slide_record(slide)
         items = self.core.folder.store.slide_items(slide, mosaic_only=True) or \
             self.core.folder.store.slide_items(slide)
         positions = np.array([(item.x, item.y) for item in items], np.int64).reshape(-1, 2)
-        with Slide(record.file, record.slide_mpp) as opened:
-            return self._search(opened, positions, record.tile, record.mpp, slide, slide, k, check)
+        opened = Slide(record.file, record.slide_mpp, name=slide)
+        return self._capped(QueryPlan(opened, positions, record.tile, record.mpp, slide, slide))
 
-    def query_by_file(self, path: Path, k: int, *, slide_mpp: float | None = None, name: str | None = None,
-                      max_overview_pixels: int | None = None,
-                      check: Callable[[], None] = lambda: None) -> SlideSearchOutcome:
-        """Search with a slide file: planned (mask, tiles, mosaic) as the index's slides were."""
-        from histoseek.slides.plan import plan_slide
+    def plan_file(self, path: Path, *, slide_mpp: float | None = None, name: str | None = None,
+                  max_overview_pixels: int | None = None) -> QueryPlan:
+        """A slide file as a query, planned from its low level only (no tile is read yet):
+        its cost, `plan.tiles`, is known before the work. NoTissue when its mask is empty."""
+        from histoseek.slides.plan import MASK_FRACTION, plan_slide
         from histoseek.slides.reader import Slide
+        from histoseek.slides.tissue_mask import MASK_MPP, MIN_OD, MIN_SATURATION
 
         tile, mpp = self.tiling()
-        with Slide(path, slide_mpp) as opened:
+        name = name or Path(path).name
+        opened = Slide(path, slide_mpp, name=name)
+        try:
             plan = plan_slide(opened, tile, mpp, max_overview_pixels=max_overview_pixels)
-            check()
-            return self._search(opened, plan.positions[plan.mosaic], tile, mpp, name or Path(path).name, None, k,
-                                check)
+            if not len(plan.mosaic):
+                raise NoTissue(
+                    f"no tissue found in {name} (mask threshold: HSV saturation above max({MIN_SATURATION:g}, Otsu) "
+                    f"and optical density above {MIN_OD:g} at {MASK_MPP:g} µm/px, covering at least "
+                    f"{MASK_FRACTION:.0%} of a {plan.reading.footprint} px tile); send a slide with stained tissue "
+                    "on it, not a blank or background-only scan")
+            return self._capped(QueryPlan(opened, plan.positions[plan.mosaic], tile, mpp, name, None))
+        except BaseException:
+            opened.close()
+            raise
 
-    def _search(self, opened, positions: np.ndarray, tile: int, mpp: float, query: str, own: str | None, k: int,
-                check: Callable[[], None]) -> SlideSearchOutcome:
-        if not len(positions):
-            raise HistoseekError(f"the query slide {query} has no tissue tiles to search with")
-        if len(positions) > self.max_query_tiles:
-            positions = positions[np.linspace(0, len(positions) - 1, self.max_query_tiles).round().astype(int)]
-        marks = [time.perf_counter()]
-        reading, size = opened.tiling(tile, mpp), self.core.model_size()
-        inputs = []
-        for x, y in positions.tolist():
-            inputs.append(resize_and_crop(Image.fromarray(opened.read_tile(x, y, tile, reading)), size))
+    def _capped(self, plan: QueryPlan) -> QueryPlan:
+        if not len(plan.positions):
+            plan.close()
+            raise NoTissue(f"no tissue found in {plan.query}: it has no tiles to search with")
+        if len(plan.positions) > self.max_query_tiles:
+            plan.positions = plan.positions[np.linspace(0, len(plan.positions) - 1,
+                                                        self.max_query_tiles).round().astype(int)]
+        return plan
+
+    def search_plan(self, plan: QueryPlan, k: int, check: Callable[[], None] = lambda: None,
+                    progress=None) -> SlideSearchOutcome:
+        """Read, embed (at Triton's BACKGROUND priority, EMBED_BATCH tiles at a time) and search
+        the plan's tiles; `check` between batches stops the work, `progress.advance(n)` reports it."""
+        from server.embedder import BACKGROUND
+
+        opened, positions, tile, own, query = plan.opened, plan.positions, plan.tile, plan.own, plan.query
+        marks, read_s = [time.perf_counter()], 0.0
+        reading, size = opened.tiling(tile, plan.mpp), self.core.model_size()
+        parts = []
+        for start in range(0, len(positions), EMBED_BATCH):
             check()
-        marks.append(time.perf_counter())
-        vectors = np.concatenate([self.core.embed(np.stack(inputs[i:i + EMBED_BATCH]))
-                                  for i in range(0, len(inputs), EMBED_BATCH)])
+            began = time.perf_counter()
+            batch = np.stack([resize_and_crop(Image.fromarray(opened.read_tile(x, y, tile, reading)), size)
+                              for x, y in positions[start:start + EMBED_BATCH].tolist()])
+            read_s += time.perf_counter() - began
+            check()
+            parts.append(self.core.embed(batch, priority=BACKGROUND))
+            if progress is not None:
+                progress.advance(len(batch))
+        vectors = np.concatenate(parts)
         check()
         marks.append(time.perf_counter())
         hits = self.core.folder.search(vectors, self.neighbours, ItemFilter(exclude_groups=(own,)) if own else None)
@@ -174,9 +243,10 @@ class SlideSearch:
                        for row, col in pairs[:MATCHES_SHOWN]]
             label = hits[pairs[0][0]][pairs[0][1]].item.label if pairs else ""
             results.append(SlideResult(by_code[code], label, round(float(total), 6), matches))
-        stages = ("read", "embed", "search")
-        timings = {stage: (b - a) * 1000 for stage, a, b in zip(stages, marks, marks[1:])}
-        timings["total"] = (marks[-1] - marks[0]) * 1000
+        # Reading and embedding alternate batch by batch: "embed" is their time less the reading.
+        total_read_embed = marks[1] - marks[0]
+        timings = {"read": read_s * 1000, "embed": (total_read_embed - read_s) * 1000,
+                   "search": (marks[2] - marks[1]) * 1000, "total": (marks[-1] - marks[0]) * 1000}
         return SlideSearchOutcome(query, [tuple(map(int, p)) for p in positions.tolist()], results,
                                   majority_label([r.label for r in results]), timings)
 
