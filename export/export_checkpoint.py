@@ -1,5 +1,8 @@
 """`histoseek export`: checkpoint folder -> verified ONNX -> new model-repository version.
 
+An encoder with a text tower (clip) also gets its text model, `<encoder>_text`, exported
+and verified beside the image one (export/text_export.py).
+
 A collapsed model (every tile embeds alike, histoseek/collapse.py) is refused unless
 forced: served, it would answer every search with arbitrary tiles at similarity 1.00.
 """
@@ -12,13 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx_export import export_onnx
-from export.repository import write_model_version
+from export.repository import model_checksum, write_model_version
+from export.text_export import export_text_tower
 from export.triton_config import MAX_QUEUE_DELAY_US
 from export.verify import verify_onnx
 from histoseek.dataset import sample_images
 from histoseek import collapse
 from histoseek.errors import HistoseekError
 from training import checkpoint
+from training.encoders.registry import get_encoder
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +58,25 @@ def export_checkpoint(checkpoint_dir: Path, repo: Path, *, fp16: bool = False, v
         version_dir = write_model_version(Path(repo), spec_dict, onnx_path, fp16=fp16, extra_files=extra_files,
                                           queue_delay_us=queue_delay_us)
     print(f"exported {spec.name} to {version_dir} (ONNX vs PyTorch max abs diff {max_diff:.2e} on {len(images)} images)")
+    _export_text(checkpoint_dir, spec, Path(repo), model_checksum(version_dir))
     return version_dir
+
+
+def _export_text(checkpoint_dir: Path, spec, repo: Path, image_sha256: str) -> Path | None:
+    """The text tower beside the image model, for encoders that have one."""
+    recipe = get_encoder(spec.name).text_tower
+    if recipe is None:
+        return None
+    tower = checkpoint.load_text_tower(checkpoint_dir, spec)
+    if tower is None:
+        log.warning("%s has no text_weights.safetensors (trained before text towers were saved): its text tower is "
+                    "not exported, so its indexes cannot be searched by text; retrain it to get one", checkpoint_dir)
+        return None
+    preset = get_encoder(spec.name).preset(spec.preset, spec.options)
+    prompts = recipe.prompts(dict(preset.options), spec.labels) if recipe.prompts and spec.labels else {}
+    text_dir, diff = export_text_tower(tower, recipe.tokenizer(preset), repo, encoder=spec.name,
+                                       embedding_dim=spec.embedding_dim, image_model_sha256=image_sha256,
+                                       prompts=prompts)
+    print(f"exported {spec.name}'s text tower to {text_dir} (ONNX vs PyTorch max abs diff {diff:.2e} "
+          f"on {len(prompts)} prompts and other texts)")
+    return text_dir

@@ -6,6 +6,8 @@ import nothing from this project.
 
 Dynamic batching hands `execute` several requests at once: their images are joined
 into one onnxruntime run and the embeddings split back, one response per request.
+The same file serves a text tower (`<encoder>_text`): its one input is `tokens`, not
+`images`, and is read by the name the config gives.
 """
 import json
 import os
@@ -37,6 +39,7 @@ def _providers(fp16, device_id, engine_cache):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]  # "images", or "tokens" for a text tower
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         providers = _providers(
@@ -60,7 +63,7 @@ class TritonPythonModel:
         )
 
     def _embed(self, images):
-        out = self.session.run(["embeddings"], {"images": images})[0]
+        out = self.session.run(["embeddings"], {self.input_name: images})[0]
         return out.astype(np.float32, copy=False)
 
     def _response(self, embeddings):
@@ -74,7 +77,7 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        batches = [pb_utils.get_input_tensor_by_name(r, "images").as_numpy() for r in requests]
+        batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         try:
             joined = self._embed(np.concatenate(batches))
         except Exception:

@@ -5,6 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from histoseek_cli.options import add_list
+
+
+def class_name(text: str) -> tuple[str, str]:
+    """`LABEL=WORDS`, e.g. `T=tubular adenoma`."""
+    label, sep, words = text.partition("=")
+    if not sep or not label.strip() or not words.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=WORDS (e.g. 'T=tubular adenoma'), got {text!r}")
+    return label.strip(), " ".join(words.split())
+
 
 def run(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, train
@@ -12,7 +22,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
                       epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
                       init=args.init, split=args.split, seed=args.seed,
-                      workers=args.workers, fresh=args.fresh, bits=args.bits)
+                      workers=args.workers, fresh=args.fresh, bits=args.bits,
+                      class_names=dict(args.class_names) if args.class_names else None)
     try:
         out = train(cfg)
     except KeyboardInterrupt:
@@ -38,4 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--bits", type=int, help="code length of a quantizing encoder (spq: 16, 32 or 64)")
+    add_list(p, "--class-names", type=class_name, metavar="LABEL=WORDS",
+             help="what each class label means, for encoders that learn from text prompts (clip): the prompt "
+                  "of class T becomes 'a histopathology image of tubular adenoma' with 'T=tubular adenoma' "
+                  "(default: the label itself)")
     p.set_defaults(func=run)

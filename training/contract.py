@@ -27,3 +27,14 @@ class ContractModel(nn.Module):
         # An encoder may define its own unit-norm output (SPQ: per sub-vector), else plain L2.
         custom = getattr(self.backbone, "normalise_output", None)
         return custom(self.backbone(x)) if custom else nn.functional.normalize(self.backbone(x), dim=1)
+
+
+class TextContractModel(nn.Module):
+    """int64 token ids `[N, L]` -> L2-normalised embeddings in the image space; the exported text graph."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.tower(tokens), dim=1)

@@ -51,6 +51,7 @@ class TrainConfig:
     workers: int = 2
     fresh: bool = False  # ignore an existing resume state
     bits: int | None = None  # code length, for encoders that quantize (spq)
+    class_names: dict[str, str] | None = None  # words for the class labels in text prompts (clip)
 
 
 class EpochSampler(Sampler):
@@ -141,7 +142,10 @@ def _probe_spread(method: torch.nn.Module, spec, probe: torch.Tensor, preset) ->
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
     """Train and write the checkpoint folder; `on_step(step)` is a hook called after each step."""
     encoder = get_encoder(cfg.encoder)
-    options = {"bits": cfg.bits} if cfg.bits is not None else None
+    options = {"bits": cfg.bits} if cfg.bits is not None else {}
+    if cfg.class_names:
+        options["class_names"] = dict(cfg.class_names)
+    options = options or None
     preset = encoder.preset(cfg.preset, options)
     out = Path(cfg.out)
     dataset = read_split(cfg.data, cfg.split)
@@ -251,6 +255,6 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
         "images": len(dataset), "data": str(Path(cfg.data).resolve()), "weights_origin": origin,
         "probe_spread": spreads[-1] if spreads else _probe_spread(method, spec, probe, preset),
     }
-    checkpoint.save_backbone(out, method.backbone, spec, config)
+    checkpoint.save_backbone(out, method.backbone, spec, config, text_tower=method.text_tower())
     log.info("wrote %s (%d steps in %.1f min)", out, step, minutes)
     return out

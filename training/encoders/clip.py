@@ -1,8 +1,11 @@
 """CLIP image encoder fine-tuned against class-name prompts (Radford et al., ICML 2021).
 
 The image tower (open_clip) is trained contrastively against the text tower's embedding
-of a prompt per class ("a histopathology image of <class>"); the text tower is used in
-training only, and the exported, searched network is the image tower alone. A batch
+of a prompt per class ("a histopathology image of <class>", where <class> is the label or
+the words `class_names` gives it, e.g. T -> "tubular adenoma"). Both towers train; the
+image tower is the checkpoint's backbone, the text tower is saved beside it and exported
+as the second Triton model `clip_text` (token ids in, the image space out), so the prompts
+search the index by text. A batch
 holds many tiles of one class, so the symmetric CLIP loss is taken over the batch's
 distinct prompts: each image's target is its class prompt, each prompt's target is
 spread evenly over the images of its class. With one image per class this is exactly
@@ -19,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from histoseek.errors import HistoseekError
 from training import init_weights
 from training.backbones import LITE0_FINETUNE
-from training.encoders.registry import Encoder, Preset, TrainingMethod, register
+from histoseek.text_tokenizer import clip_bpe_spec
+from training.encoders.registry import Encoder, Preset, TextTower, TrainingMethod, register
 from training.transforms import histology_view, view_size
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,7 +45,7 @@ PRESETS = {
                                                           timm_model_pretrained=False, timm_pool="avg",
                                                           timm_proj="linear", image_size=224),
                                           text_cfg=_SMALL_TEXT_TOWER),
-                               prompt="a histopathology image of {}", hed_strength=0.05, color_jitter=0.1)),
+                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05, color_jitter=0.1)),
     # From random weights: a ViT-Tiny-sized image tower on 64-px tiles and a 3-layer text tower.
     "scratch": Preset(backbone="open_clip-vit-tiny-8", input_size=64, embedding_dim=128, batch_size=64, epochs=30,
                   lr=5e-4, weight_decay=0.1, warmup_epochs=2, mean=CLIP_MEAN, std=CLIP_STD,
@@ -48,11 +53,11 @@ PRESETS = {
                                           vision_cfg=dict(image_size=64, layers=6, width=192, head_width=64,
                                                           patch_size=8),
                                           text_cfg=_SMALL_TEXT_TOWER),
-                               prompt="a histopathology image of {}", hed_strength=0.05, color_jitter=0.2)),
+                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05, color_jitter=0.2)),
     # OpenAI's ViT-B/32 architecture (open_clip "ViT-B-32"); fine-tune from its weights with --init.
     "paper": Preset(backbone="open_clip-ViT-B-32", input_size=224, embedding_dim=512, batch_size=128, epochs=10,
                     lr=1e-5, weight_decay=0.1, warmup_epochs=1, mean=CLIP_MEAN, std=CLIP_STD,
-                    options=dict(model=open_clip.get_model_config("ViT-B-32"), prompt="a histopathology image of {}",
+                    options=dict(model=open_clip.get_model_config("ViT-B-32"), prompt="a histopathology image of {}", class_names={},
                                  hed_strength=0.05, color_jitter=0.2)),
 }
 
@@ -68,6 +73,35 @@ class ImageTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
+
+
+class ClipTextTower(nn.Module):
+    """open_clip's text tower alone: token ids `[N, L]` in, projected text embedding out
+    (open_clip's `CLIP.encode_text`, sharing the given model's parameters)."""
+
+    def __init__(self, clip: open_clip.CLIP) -> None:
+        super().__init__()
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.pool_type, self.eos_id = clip.text_pool_type, getattr(clip, "text_eos_id", None)
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask))
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection if self.text_projection is not None else x
+
+
+def class_prompts(options: dict, labels: tuple[str, ...]) -> dict[str, str]:
+    """The prompt of each class: the preset's template around the class's words."""
+    names = options.get("class_names") or {}
+    return {label: options["prompt"].format(names.get(label, label.replace("_", " "))) for label in labels}
 
 
 def class_prompt_clip_loss(image_features: torch.Tensor, class_text_features: torch.Tensor, labels: torch.Tensor,
@@ -91,7 +125,11 @@ class CLIPMethod(TrainingMethod):
         self.clip.visual = backbone.visual  # one image tower, trained and exported
         if backbone.text_init:
             self.clip.load_state_dict(backbone.text_init, strict=False)
-        prompts = [o["prompt"].format(label.replace("_", " ")) for label in labels]
+        unknown = sorted(set(o.get("class_names") or {}) - set(labels))
+        if unknown:
+            raise HistoseekError(f"class names given for {', '.join(unknown)}, which the data does not have "
+                                 f"(its classes: {', '.join(labels)})")
+        prompts = list(class_prompts(o, labels).values())
         tokenizer = SimpleTokenizer(context_length=o["model"]["text_cfg"]["context_length"])
         self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
 
@@ -100,6 +138,9 @@ class CLIPMethod(TrainingMethod):
         texts = F.normalize(self.clip.encode_text(self.prompt_tokens), dim=-1)
         # CLIP clamps its learned temperature so that logits stay below 100.
         return class_prompt_clip_loss(images, texts, labels, self.clip.logit_scale.exp().clamp(max=100))
+
+    def text_tower(self) -> nn.Module:
+        return ClipTextTower(self.clip)
 
 
 def train_transform(preset: Preset):
@@ -125,4 +166,8 @@ register(Encoder(
     build_method=lambda backbone, preset, labels: CLIPMethod(backbone, preset, labels),
     train_transform=train_transform, load_init=load_init, needs_labels=True,
     trunk=lambda backbone: getattr(backbone.visual, "trunk", backbone.visual),
+    # The text tower trains with the image tower; its weights are the checkpoint's text_weights.safetensors.
+    text_tower=TextTower(build=lambda preset: ClipTextTower(open_clip.CLIP(**preset.options["model"])),
+                         tokenizer=lambda preset: clip_bpe_spec(preset.options["model"]["text_cfg"]["context_length"]),
+                         prompts=class_prompts, trained=True),
 ))

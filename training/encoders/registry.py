@@ -94,6 +94,27 @@ class TrainingMethod(nn.Module):
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with training progress in [0, 1] (e.g. EMA)."""
 
+    def text_tower(self) -> nn.Module | None:
+        """A trained text tower to save beside the backbone (encoders with `text_tower.trained`)."""
+        return None
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """An encoder's text tower, exported as the Triton model `<encoder>_text` (export/text_export.py).
+
+    `build(preset)`: a torch module, token ids int64 `[N, L]` -> `[N, D]` in the image space
+    (L2-normalised by the export); `tokenizer(preset)`: its histoseek.text_tokenizer.TokenizerSpec
+    (kind, context length, vocabulary file); `prompts(options, labels)`: the prompts it was
+    trained on, per class, if any; `trained`: its weights come from training (the checkpoint's
+    text_weights.safetensors), not from `build`.
+    """
+
+    build: Callable[[Preset], nn.Module]
+    tokenizer: Callable[[Preset], Any]
+    prompts: Callable[[dict[str, Any], tuple[str, ...]], dict[str, str]] | None = None
+    trained: bool = False
+
 
 @dataclass(frozen=True)
 class Encoder:
@@ -110,6 +131,10 @@ class Encoder:
     # embedding layer or attention added on top: `--init imagenet` loads into it, and it
     # trains at the preset's `trunk_lr`.
     trunk: Callable[[nn.Module], nn.Module] = lambda backbone: backbone
+    # A pretrained encoder that needs no training (training/encoders/foundation.py): its
+    # entry in the table of published models; None for the encoders trained here.
+    pretrained: Any = None
+    text_tower: TextTower | None = None  # encoders with a text tower (clip, CONCH, PLIP, QuiltNet)
 
     def spec(self, preset_name: str, labels: tuple[str, ...] = (), options: dict[str, Any] | None = None,
              **overrides: Any) -> EncoderSpec:
@@ -150,8 +175,15 @@ def get_encoder(name: str) -> Encoder:
 
 
 def list_encoders() -> list[Encoder]:
+    """The encoders that train here (each with its `cpu` and `paper` presets)."""
     _import_all()
-    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+    return [_REGISTRY[name] for name in sorted(_REGISTRY) if _REGISTRY[name].pretrained is None]
+
+
+def list_pretrained() -> list[Encoder]:
+    """The pretrained encoders that need no training (one preset, `pretrained`), in table order."""
+    _import_all()
+    return [encoder for encoder in _REGISTRY.values() if encoder.pretrained is not None]
 
 
 def _import_all() -> None:
