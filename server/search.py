@@ -24,6 +24,7 @@ from server.job import Stopped
 from server.embedder import Embedder
 from server.image_cost import check_scans
 from server.index.filters import ItemFilter
+from server.refine import check_marks, refined_query
 from server.index.folder import Hit, IndexFolder, ModelMismatch, check_model
 from server.index.store import thumbnail_jpeg
 
@@ -108,6 +109,23 @@ class SearchCore:
         in milliseconds. `check` is called between the stages (and inside the decode) and may
         raise to stop."""
         marks = [time.perf_counter()]
+        embedding = self._embed_upload(data, name, check, marks)
+        return self._outcome(embedding, k, where, marks, ("decode", "preprocess", "embed", "search"))
+
+    def refine(self, data: bytes, k: int, relevant: list[int], not_relevant: list[int], name: str = "image",
+               check: Check = _never, where: ItemFilter | None = None) -> SearchOutcome:
+        """Search again with the uploaded query moved towards the items marked relevant and
+        away from those marked not relevant (server/refine.py); nothing is kept between rounds."""
+        check_marks(relevant, not_relevant)
+        marks = [time.perf_counter()]
+        marked = self.folder.vectors([*relevant, *not_relevant])  # unknown ids refused before any decode
+        marks.append(time.perf_counter())
+        query = self._embed_upload(data, name, check, marks)[0]
+        vector = refined_query(query, marked[:len(relevant)], marked[len(relevant):])
+        return self._outcome(vector[None], k, where, marks, ("marked", "decode", "preprocess", "embed", "search"))
+
+    def _embed_upload(self, data: bytes, name: str, check: Check, marks: list[float]) -> np.ndarray:
+        """The upload's embedding [1, D]; appends a time mark after decode, preprocess, embed."""
         image = self.decode(data, name, check)
         marks.append(time.perf_counter())
         model_input = self.preprocess(image)
@@ -117,9 +135,12 @@ class SearchCore:
         embedding = self.embed(model_input[None])
         check()
         marks.append(time.perf_counter())
-        hits = self.folder.search(embedding, k, where)[0]
+        return embedding
+
+    def _outcome(self, vectors: np.ndarray, k: int, where: ItemFilter | None, marks: list[float],
+                 stages: tuple[str, ...]) -> SearchOutcome:
+        hits = self.folder.search(vectors, k, where)[0]
         marks.append(time.perf_counter())
-        stages = ("decode", "preprocess", "embed", "search")
         timings = {stage: (b - a) * 1000 for stage, a, b in zip(stages, marks, marks[1:])}
         timings["total"] = (marks[-1] - marks[0]) * 1000
         return SearchOutcome(hits, majority_label([h.item.label for h in hits]), timings)

@@ -52,6 +52,10 @@ class ModelMismatch(HistoseekError):
     """The served model is not the one the index was built with."""
 
 
+class UnknownItems(HistoseekError):
+    """Item ids a request names that the index does not hold (422 at the API)."""
+
+
 @dataclass(frozen=True)
 class Hit:
     id: int
@@ -156,6 +160,20 @@ class IndexFolder:
                 self._repair_if_needed()
         return [[Hit(int(i), float(s), items[i]) for i, s in zip(row_ids, row_scores) if i in items]
                 for row_ids, row_scores in zip(ids, scores)]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of items `ids` (float32 [len(ids), D]); UnknownItems names the
+        ids this index holds no item for."""
+        wanted = [int(i) for i in ids]
+        known = self.store.lookup(wanted)
+        unknown = sorted({i for i in wanted if i not in known})
+        if unknown:
+            raise UnknownItems(f"index {self.name!r} holds no item {', '.join(map(str, unknown[:10]))}"
+                               f"{' …' if len(unknown) > 10 else ''}; mark items of its latest results")
+        try:
+            return self.backend.vectors(wanted)
+        except KeyError as exc:  # a row whose vector a crashed edit lost: the next write repairs it
+            raise UnknownItems(f"index {self.name!r} has no vector for items {exc.args[0]}; search again") from None
 
     # -- writing ---------------------------------------------------------------------------
 

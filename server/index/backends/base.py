@@ -76,6 +76,12 @@ class VectorBackend(ABC):
         """Every id the backend holds a vector for (removed-but-kept tombstones excluded)."""
 
     @abstractmethod
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored vectors of `ids` (float32 [len(ids), D], in that order; decoded from
+        their codes where the index stores codes). The folder asks only for ids it holds
+        rows of; an id without a vector raises KeyError."""
+
+    @abstractmethod
     def info(self) -> dict:
         """Counts and sizes for `histoseek index info` and /v1/indexes: at least `vectors`,
         `tombstones`, `code_bytes_per_item`, `index_bytes_per_item`."""

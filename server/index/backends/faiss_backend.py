@@ -75,6 +75,7 @@ class _Snapshot:
     file_id: tuple
     code_bytes: int
     held: np.ndarray | None = None  # ids with a vector, sorted; read on first need
+    direct_map_lock: threading.Lock = field(default_factory=threading.Lock)
     rows: tuple = ((), -1)  # (store signature, its row count)
     # (store signature, filter) -> (allowed ids with a vector, their selector); API threads share it
     allowed: dict = field(default_factory=dict)
@@ -84,6 +85,18 @@ class _Snapshot:
         if self.held is None:
             self.held = np.sort(faiss_ids(self.cpu))
         return self.held
+
+    def reconstruct(self, ids: Sequence[int]) -> np.ndarray:
+        if not isinstance(self.cpu, faiss.IndexIDMap2):
+            with self.direct_map_lock:  # inverted lists find an id through a hash table, made once
+                ivf = faiss.extract_index_ivf(self.cpu)
+                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        wanted = np.asarray(ids, np.int64)
+        missing = wanted[~np.isin(wanted, self.held_ids())]
+        if missing.size:
+            raise KeyError(missing.tolist())
+        return np.stack([self.cpu.reconstruct(int(i)) for i in wanted]).astype(np.float32).reshape(len(wanted), -1)
 
 
 class FaissBackend(VectorBackend):
@@ -210,6 +223,9 @@ class FaissBackend(VectorBackend):
             # The probed lists held fewer than k allowed vectors: search every list.
             return index.search(queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nlist))
         return index.search(queries, k, params=faiss.SearchParameters(sel=selector))
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        return self.snapshot().reconstruct(ids)
 
     def held_ids(self) -> np.ndarray:
         return self.snapshot().held_ids()

@@ -306,6 +306,16 @@ class MilvusBackend(VectorBackend):
         finally:
             iterator.close()
 
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        wanted = [int(i) for i in ids]
+        found = self._call("read vectors", lambda c: c.get(self.collection, ids=wanted, output_fields=["vector"],
+                                                           timeout=CALL_TIMEOUT_S)) if wanted else []
+        by_id = {int(row["id"]): row["vector"] for row in found}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise KeyError(missing)
+        return np.asarray([by_id[i] for i in wanted], np.float32).reshape(len(wanted), self.dim)
+
     def held_ids(self) -> np.ndarray:
         pages = list(self._pages())
         return np.sort(np.concatenate(pages)) if pages else np.zeros(0, np.int64)

@@ -18,7 +18,7 @@ from histoseek.imaging import load_model_input
 from server.embedder import Embedder
 from server.index.backends.faiss_backend import FAISS_FILE
 from server.index.build import add_items, build_index
-from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch, index_info, remove_items
+from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch, UnknownItems, index_info, remove_items
 from server.index.types import new_faiss_index
 from server.search import SearchCore
 
@@ -333,3 +333,18 @@ def test_ivfpq_needs_enough_items_and_unknown_types_are_named(tmp_path, grpc_url
 def test_not_an_index_folder(tmp_path):
     with pytest.raises(HistoseekError, match="not an index folder.*index build"):
         IndexFolder(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "pq"])
+def test_stored_vectors_by_id(built, tile_embeddings, kind):
+    """What refinement reads: each id's vector (decoded codes for the PQ types), unknown ids named."""
+    folder = IndexFolder(built[kind])
+    ids = [5, 0, 89, 5]
+    vectors = folder.vectors(ids)
+    expected = tile_embeddings[1][ids]
+    assert vectors.shape == expected.shape and vectors.dtype == np.float32
+    cosine = np.sum(vectors * expected, axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine.min() > (0.9999 if kind in ("flat", "hnsw") else 0.8), cosine
+    with pytest.raises(UnknownItems, match="holds no item 90, 1000"):
+        folder.vectors([1, 90, 1000])

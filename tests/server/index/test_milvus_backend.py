@@ -420,3 +420,14 @@ def test_uri_keeps_no_secrets(tmp_path, monkeypatch):
         "http://[::1]:19530", "http://[::1]:19530", "from-env", False)
     lite = Target.parse("sub/x.db", tmp_path)
     assert lite.lite and lite.public == str(tmp_path / "sub" / "x.db") and lite.token == ""
+
+
+def test_vectors_by_id(tmp_path, opened):
+    vectors, items = collection(50)
+    folder, manifest = build(tmp_path, "crc", vectors, items)
+    backend = opened(folder, manifest)
+    np.testing.assert_allclose(backend.vectors([7, 0, 49, 7]), vectors[[7, 0, 49, 7]], atol=1e-6)
+    assert backend.vectors([]).shape == (0, DIM)
+    with pytest.raises(KeyError) as missing:
+        backend.vectors([3, 50, 99])
+    assert missing.value.args[0] == [50, 99]
