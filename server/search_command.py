@@ -1,4 +1,5 @@
-"""`histoseek search image`: one query image against a local index folder, with filters."""
+"""`histoseek search image`: one query image against a local index folder, with filters, and
+refined by marked results (`--relevant` / `--not-relevant`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,10 @@ from server.search import SearchCore
 
 
 def search_image_command(index_dir: Path, image: Path, *, k: int, where: ItemFilter | None, triton_url: str,
-                         protocol: str) -> dict:
-    """The JSON answer: the k best items `where` admits, as /v1/search gives them."""
+                         protocol: str, relevant: list[int] | None = None,
+                         not_relevant: list[int] | None = None) -> dict:
+    """The JSON answer: the k best items `where` admits, as /v1/search gives them; with marks,
+    as /v1/search/refine does."""
     if k < 1:
         raise HistoseekError(f"-k must be at least 1, got {k}")
     try:
@@ -23,7 +26,10 @@ def search_image_command(index_dir: Path, image: Path, *, k: int, where: ItemFil
     try:
         core = SearchCore(folder, Embedder(triton_url, folder.manifest["encoder"], protocol))
         core.verify_model(force=True)
-        outcome = core.search(data, k, name=Path(image).name, where=where)
+        if relevant or not_relevant:
+            outcome = core.refine(data, k, relevant or [], not_relevant or [], name=Path(image).name, where=where)
+        else:
+            outcome = core.search(data, k, name=Path(image).name, where=where)
     finally:
         folder.close()
     return {

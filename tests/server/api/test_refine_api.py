@@ -11,6 +11,7 @@ from server.api.app import create_app
 from server.embedder import Embedder
 from server.index.backends.faiss_backend import stored_vectors
 from server.refine import MAX_MARKED, refined_query
+from server.search_command import search_image_command
 from tests.servers import assert_json_error, served_in_thread
 
 pytestmark = pytest.mark.slow
@@ -77,3 +78,19 @@ def test_marks_that_cannot_refine_are_422(client, synth_data):
     response = client.post("/v1/search/refine", data={"relevant": ["two"]},
                            files={"image": ("q.png", (synth_data / QUERY).read_bytes(), "image/png")})
     assert response.status_code == 422
+
+
+def test_the_command_line_refines_as_the_api_does(client, synth_data, indexes_dir, triton_server, capsys):
+    import json
+
+    from histoseek_cli.main import main
+
+    marks = {"relevant": [1, 4], "not_relevant": [20]}
+    api = _refine(client, synth_data, **marks).json()
+    cli = search_image_command(indexes_dir / "tissue", synth_data / QUERY, k=10, where=None,
+                               triton_url=triton_server.grpc_url, protocol="grpc", **marks)
+    assert [r["id"] for r in cli["results"]] == [r["id"] for r in api["results"]]
+    main(["search", "image", "--index", str(indexes_dir / "tissue"), "--image", str(synth_data / QUERY),
+          "--relevant", "1", "4", "--not-relevant", "20", "--triton-url", triton_server.grpc_url, "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in printed["results"]] == [r["id"] for r in api["results"]]
