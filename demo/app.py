@@ -1,5 +1,7 @@
-"""The Gradio web demo: upload an H&E patch, see the k most similar indexed patches; or
-choose a whole slide and see the most similar slides (the Slides tab, demo/slides_tab.py).
+"""The Gradio web demo: upload an H&E patch, see the k most similar indexed patches, mark
+results "like these" / "not like these" and search again (the marks of every round are kept
+by the page and sent with each refinement: the API keeps nothing); or choose a whole slide
+and see the most similar slides (the Slides tab, demo/slides_tab.py).
 
 It talks to the search API over HTTP only (`demo/client.py`) and fetches the result
 thumbnails server-side, so the browser needs to reach the demo and nothing else.
@@ -78,10 +80,27 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
         # A new index has other labels: the filter starts empty (all labels) again.
         return gr.Dropdown(choices=labels_of.get(index or "", []), value=[])
 
+    def shown(answer: dict, index: str, status: str, marks: dict) -> tuple:
+        """The outputs of a search or a refinement: gallery, vote, timings, status, the two
+        mark lists offering the new results (ticked where already marked), and the marks."""
+        started = time.perf_counter()
+        hits = client.thumbnails(answer["results"])
+        thumbnails_ms = (time.perf_counter() - started) * 1000
+        gallery = [(hit.image if hit.image is not None else _MISSING, caption(hit)) for hit in hits]
+        choices = [(f"#{hit.rank} {hit.label or 'unlabelled'} (id {hit.id})", hit.id) for hit in hits]
+        ids = [hit.id for hit in hits]
+        marks = {**marks, "shown": ids}
+        return (gallery, vote_text(answer), timings_text(answer, thumbnails_ms), status,
+                gr.CheckboxGroup(choices=choices, value=[i for i in ids if i in marks["relevant"]]),
+                gr.CheckboxGroup(choices=choices, value=[i for i in ids if i in marks["not_relevant"]]), marks)
+
+    def failed(message: str, marks: dict) -> tuple:
+        return [], "", "", message, gr.CheckboxGroup(), gr.CheckboxGroup(), marks
+
     def search(image: Image.Image | None, index: str | None, k: float, labels: list[str] | None = None):
-        empty = ([], "", "")
+        fresh = {"relevant": [], "not_relevant": [], "shown": []}  # a new search forgets earlier marks
         if image is None:
-            return *empty, _error("Upload an image or pick an example first.")
+            return failed(_error("Upload an image or pick an example first."), fresh)
         try:
             if not index:  # the list was empty at page load (API down then?): ask again
                 names = [i["name"] for i in client.indexes()]
@@ -89,18 +108,35 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                     raise ApiError("The search API has no indexes: build one with `histoseek index build`.")
                 index = names[0]
             answer = client.search(image, index, int(k), labels=labels or None)
-            started = time.perf_counter()
-            hits = client.thumbnails(answer["results"])
-            thumbnails_ms = (time.perf_counter() - started) * 1000
-            gallery = [(hit.image if hit.image is not None else _MISSING, caption(hit)) for hit in hits]
             among = f" labelled {', '.join(labels)}" if labels else ""
-            return (gallery, vote_text(answer), timings_text(answer, thumbnails_ms),
-                    f"{len(hits)} results{among} from index `{index}`.")
+            return shown(answer, index, f"{len(answer['results'])} results{among} from index `{index}`.", fresh)
         except ApiError as exc:
-            return *empty, _error(str(exc), "Search failed")
+            return failed(_error(str(exc), "Search failed"), fresh)
         except (KeyError, TypeError, ValueError) as exc:  # an answer that breaks the contract
-            return *empty, _error(f"the search API sent an answer the demo does not understand ({exc!r}).",
-                                  "Search failed")
+            return failed(_error(f"the search API sent an answer the demo does not understand ({exc!r}).",
+                                 "Search failed"), fresh)
+
+    def refine(image: Image.Image | None, index: str | None, k: float, labels: list[str] | None,
+               liked: list[str], unliked: list[str], marks: dict):
+        """Search again with the marks of every round so far: the server keeps nothing, the
+        page does (a result unticked now is unmarked)."""
+        on_screen = set(marks.get("shown", []))
+        relevant = sorted((set(marks.get("relevant", [])) - on_screen) | set(liked or []))
+        not_relevant = sorted((set(marks.get("not_relevant", [])) - on_screen) | set(unliked or []))
+        keep = {**marks, "relevant": relevant, "not_relevant": not_relevant}
+        if image is None or not index:
+            return failed(_error("Search first, then mark results and search again."), keep)
+        if not relevant and not not_relevant:
+            return failed(_error("Tick results under “Like these” or “Not like these” first."), keep)
+        try:
+            answer = client.refine(image, index, int(k), relevant, not_relevant, labels=labels or None)
+            return shown(answer, index, f"{len(answer['results'])} results, refined with {len(relevant)} liked and "
+                                        f"{len(not_relevant)} not liked, from index `{index}`.", keep)
+        except ApiError as exc:
+            return failed(_error(str(exc), "Refining failed"), keep)
+        except (KeyError, TypeError, ValueError) as exc:
+            return failed(_error(f"the search API sent an answer the demo does not understand ({exc!r}).",
+                                 "Refining failed"), keep)
 
     with gr.Blocks(title="HistoSeek", analytics_enabled=False) as blocks:
         gr.Markdown("# HistoSeek\nGive it an H&E patch and it finds the most similar patches of an indexed "
@@ -125,6 +161,11 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                         gallery = gr.Gallery(label="Most similar patches", columns=4, height="auto", object_fit="cover",
                                              interactive=False, elem_id="results-gallery")
                         vote = gr.Markdown(elem_id="vote")
+                        with gr.Row():
+                            liked = gr.CheckboxGroup(label="Like these", choices=[], elem_id="mark-relevant")
+                            unliked = gr.CheckboxGroup(label="Not like these", choices=[], elem_id="mark-not-relevant")
+                        again = gr.Button("Search again with these marks", elem_id="refine-button")
+                        marks = gr.State({"relevant": [], "not_relevant": [], "shown": []})
                         timings = gr.Markdown(elem_id="timings")
             with gr.Tab("Slides", id="slides", elem_id="slides-tab"):
                 load_slides, slide_outputs = build_slides_tab(client)
@@ -134,7 +175,9 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
         refresh.click(refresh_indexes, inputs=index, outputs=[index, status]).then(
             label_choices, inputs=index, outputs=labels)
         index.input(label_choices, inputs=index, outputs=labels)
-        button.click(search, inputs=[image, index, k, labels], outputs=[gallery, vote, timings, status])
+        results = [gallery, vote, timings, status, liked, unliked, marks]
+        button.click(search, inputs=[image, index, k, labels], outputs=results)
+        again.click(refine, inputs=[image, index, k, labels, liked, unliked, marks], outputs=results)
     return blocks
 
 

@@ -46,11 +46,14 @@ class SearchClient:
     def search(self, image: Image.Image, index: str, k: int, labels: list[str] | None = None) -> dict:
         """`POST /v1/search`, among the items of `labels` if given; the image goes as PNG so
         that it arrives with its exact pixels."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        files = {"image": ("query.png", buffer.getvalue(), "image/png")}
-        data = {"index": index, "k": str(k), **({"labels": list(labels)} if labels else {})}
-        return self._request("POST", "/v1/search", files=files, data=data).json()
+        data = _search_fields(index, k, labels)
+        return self._request("POST", "/v1/search", files=_png_upload(image), data=data).json()
+
+    def refine(self, image: Image.Image, index: str, k: int, relevant: list[str], not_relevant: list[str],
+               labels: list[str] | None = None) -> dict:
+        """`POST /v1/search/refine`: the same query again with the ids of results the user marked."""
+        data = {**_search_fields(index, k, labels), "relevant": list(relevant), "not_relevant": list(not_relevant)}
+        return self._request("POST", "/v1/search/refine", files=_png_upload(image), data=data).json()
 
     def thumbnails(self, results: list[dict]) -> list[Hit]:
         """Fetch each result's thumbnail from the API (the browser may not reach the API itself)."""
@@ -111,6 +114,16 @@ class SearchClient:
         if response.is_error:
             raise ApiError(f"The search API answered {response.status_code}: {_error_message(response)}")
         return response
+
+
+def _png_upload(image: Image.Image) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"image": ("query.png", buffer.getvalue(), "image/png")}
+
+
+def _search_fields(index: str, k: int, labels: list[str] | None) -> dict:
+    return {"index": index, "k": str(k), **({"labels": list(labels)} if labels else {})}
 
 
 def _error_message(response: httpx.Response) -> str:

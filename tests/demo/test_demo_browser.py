@@ -137,3 +137,37 @@ def test_demo_imports_no_torch_or_training():
     code = ("import sys, demo.app; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'training', 'server')); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_marking_results_and_searching_again_changes_the_ranking(page, search_api, launch_demo, synth_data,
+                                                                  tmp_path):
+    dataset = read_dataset(synth_data)
+    query = dataset.items[0]
+    page.goto(launch_demo(search_api))
+    expect(page.locator("#index-dropdown input")).to_have_value(re.compile("^synth"), timeout=TIMEOUT_MS)
+    _upload(page, dataset.absolute(query))
+    _set_k(page, 8)
+    page.click("#search-button")
+    expect(page.locator("#results-gallery .gallery-item")).to_have_count(8, timeout=TIMEOUT_MS)
+    before = page.locator("#results-gallery .caption-label").all_inner_texts()
+    # The results of another label are not what this pathologist wants; those of the query's are.
+    marks = page.locator("#mark-not-relevant label").all_inner_texts()
+    assert len(marks) == 8, marks
+    unwanted = [m for m in marks if m.split()[1] != query.label]
+    wanted = [m for m in marks if m.split()[1] == query.label]
+    assert unwanted and wanted, marks
+    for mark in unwanted:
+        page.locator("#mark-not-relevant label", has_text=mark).click()
+    for mark in wanted:
+        page.locator("#mark-relevant label", has_text=mark).click()
+    page.click("#refine-button")
+    expect(page.locator("#status")).to_contain_text(f"refined with {len(wanted)} liked and {len(unwanted)} not liked",
+                                                    timeout=TIMEOUT_MS)
+    after = page.locator("#results-gallery .caption-label").all_inner_texts()
+    assert len(after) == 8 and after != before, (before, after)
+    found = [CAPTION.match(text.strip())[2] for text in after]
+    assert found.count(query.label) >= sum(m.split()[1] == query.label for m in marks), (before, after)
+    # The marks shown again are the page's: results still on screen stay ticked.
+    ticked = page.locator("#mark-relevant input:checked").count()
+    assert ticked >= 1
+    page.screenshot(path=str(tmp_path / "demo_refine.png"), full_page=True)
