@@ -5,9 +5,8 @@ relevant (nothing is kept on the server between rounds). The new query vector is
 
     q' = ALPHA · q + BETA · mean(relevant) − GAMMA · mean(not relevant),  then L2-normalised,
 
-(Rocchio, "Relevance feedback in information retrieval", 1971; the weights are the
-textbook's defaults for positive-heavy feedback, Manning et al., Introduction to IR,
-ch. 9), searched like any query, with the same filters. `benchmarks/refine.py` measures one
+(Rocchio, "Relevance feedback in information retrieval", 1971; Manning et al., Introduction to
+IR, ch. 9), searched like any query, with the same filters. `benchmarks/refine.py` measures one
 round of simulated feedback through the API.
 """
 from __future__ import annotations
@@ -16,7 +15,10 @@ import numpy as np
 
 from histoseek.errors import HistoseekError
 
-ALPHA, BETA, GAMMA = 1.0, 0.75, 0.15
+# A small grid on crc5-dev (frozen Lite0 features, the correct results among the first 10
+# marked relevant, the rest not): P@5 0.588 before; (1, 0.75, 0.15) 0.828, (1, 1, 0.5) 0.896,
+# (1, 2, 0.5) 0.898. Every setting lifted it by more than 0.2; the middle one is used.
+ALPHA, BETA, GAMMA = 1.0, 1.0, 0.5
 MAX_MARKED = 100  # ids per list a request may send: the vectors fetched stay small
 
 
