@@ -15,19 +15,27 @@ def run(args: argparse.Namespace) -> None:
         raise HistoseekError("give either --checkpoint DIR --database DIR (PyTorch) or --index DIR --queries DIR "
                              "(the served path: Triton + FAISS)")
     ks = sorted(set(args.k))
+    label_map = None
+    if args.label_map is not None:
+        from histoseek.label_map import read_label_map
+
+        if args.queries is None:
+            raise HistoseekError("--label-map needs --queries DIR from another collection")
+        label_map = read_label_map(args.label_map)
     if args.index is not None:
         from server.evaluate_served import evaluate_index
 
         if args.queries is None:
             raise HistoseekError("--index needs --queries DIR: the images to search the index with")
-        result = evaluate_index(args.index, args.queries, ks, args.triton_url, args.protocol)
+        result = evaluate_index(args.index, args.queries, ks, args.triton_url, args.protocol, label_map=label_map)
     else:
         from training.evaluate import evaluate_checkpoint
 
         if args.database is None:
             raise HistoseekError("--checkpoint needs --database DIR")
         result = evaluate_checkpoint(args.checkpoint, args.database, args.queries, ks,
-                                     database_split=args.database_split, queries_split=args.queries_split)
+                                     database_split=args.database_split, queries_split=args.queries_split,
+                                     label_map=label_map)
     print(format_table(result["metrics"], ks))
     if "similarity_spread" in result:
         from histoseek.collapse import describe
@@ -47,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=Path, help="query set (default: leave-one-out on the database)")
     p.add_argument("--database-split", help="use only this split of the database folder")
     p.add_argument("--queries-split", help="queries: this split (of --queries, else of --database)")
+    p.add_argument("--label-map", type=Path, help="queries from another collection: a CSV of query_label,"
+                   "database_label rows saying each query label in the database's words (e.g. "
+                   "configs/label_maps/crc-val-he-7k_to_kather2016.csv)")
     add_list(p, "--k", type=positive(int), default=[1, 5, 10], metavar="K", help="cut-offs (default: 1 5 10)")
     p.add_argument("--json", type=Path)
     triton_arguments(p)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from histoseek.dataset import read_dataset
 from histoseek.errors import HistoseekError
+from histoseek.label_map import relabel
 from histoseek.metrics import retrieval_metrics
 from server.index.filters import ItemFilter
 from server.embedder import Embedder
@@ -22,21 +23,25 @@ from server.search import SearchCore
 
 
 def evaluate_index(index_dir: Path, queries: Path, ks: list[int], triton_url: str, protocol: str = "grpc",
-                   batch: int = 32) -> dict:
-    """P@k, mAP@k and mMV@k of `queries` (a dataset folder) against the index, own groups excluded."""
+                   batch: int = 32, label_map: dict[str, str] | None = None) -> dict:
+    """P@k, mAP@k and mMV@k of `queries` (a dataset folder) against the index, own groups
+    excluded; `label_map` says the queries' labels in the index's words (histoseek/label_map.py)."""
     if not ks or min(ks) < 1:
         raise HistoseekError(f"every k must be at least 1, got {ks}")
     folder = IndexFolder(Path(index_dir))
     try:
-        return _evaluate(folder, queries, ks, triton_url, protocol, batch)
+        return _evaluate(folder, queries, ks, triton_url, protocol, batch, label_map)
     finally:
         folder.close()
 
 
-def _evaluate(folder: IndexFolder, queries: Path, ks: list[int], triton_url: str, protocol: str, batch: int) -> dict:
+def _evaluate(folder: IndexFolder, queries: Path, ks: list[int], triton_url: str, protocol: str, batch: int,
+              label_map: dict[str, str] | None) -> dict:
     core = SearchCore(folder, Embedder(triton_url, folder.manifest["encoder"], protocol, batch_size=batch))
     core.verify_model(force=True)
     dataset = read_dataset(queries)
+    if label_map is not None:
+        dataset = relabel(dataset, label_map, folder.store.labels())
     k = max(ks)
     ranked: list[list[str]] = []
     with tqdm(total=len(dataset), unit="img", desc=f"querying {folder.name}") as progress:

@@ -21,6 +21,7 @@ from training.contract import ContractModel
 from histoseek import collapse
 from histoseek.dataset import Dataset, read_split
 from histoseek.imaging import load_model_input
+from histoseek.label_map import relabel
 from histoseek.metrics import embedding_retrieval_metrics
 from training import checkpoint
 
@@ -51,16 +52,19 @@ def embed_dataset(model: ContractModel, dataset: Dataset, size: int, batch_size:
 
 
 def evaluate_checkpoint(checkpoint_dir: Path, database: Path, queries: Path | None, ks: list[int],
-                        database_split: str | None = None, queries_split: str | None = None) -> dict:
+                        database_split: str | None = None, queries_split: str | None = None,
+                        label_map: dict[str, str] | None = None) -> dict:
     backbone, spec = checkpoint.load_backbone(checkpoint_dir)
-    return evaluate_backbone(backbone, spec, database, queries, ks, database_split, queries_split) | {
+    return evaluate_backbone(backbone, spec, database, queries, ks, database_split, queries_split, label_map) | {
         "checkpoint": str(checkpoint_dir)}
 
 
 def evaluate_backbone(backbone: torch.nn.Module, spec, database: Path, queries: Path | None, ks: list[int],
-                      database_split: str | None = None, queries_split: str | None = None) -> dict:
+                      database_split: str | None = None, queries_split: str | None = None,
+                      label_map: dict[str, str] | None = None) -> dict:
     """Metrics and similarity spread of a backbone with its spec (a checkpoint's, or a frozen
-    pretrained network's)."""
+    pretrained network's); `label_map` says the queries' labels in the database's words
+    (queries from another collection, histoseek/label_map.py)."""
     model = ContractModel(backbone, spec).eval()
     db = read_split(database, database_split)
     db_emb = embed_dataset(model, db, spec.input_size)
@@ -68,6 +72,8 @@ def evaluate_backbone(backbone: torch.nn.Module, spec, database: Path, queries: 
         q, q_emb = db, db_emb
     else:
         q = read_split(queries or database, queries_split)
+        if label_map is not None:
+            q = relabel(q, label_map, db.labels)
         q_emb = embed_dataset(model, q, spec.input_size)
     metrics = embedding_retrieval_metrics(q, q_emb, db, db_emb, ks)
     # A fixed, seeded sample keeps the spread's cost flat on large databases.
