@@ -38,7 +38,8 @@ def serve_command(args: argparse.Namespace) -> None:
     budget = {} if args.max_decode_mb is None else {"max_decode_bytes": int(args.max_decode_mb * 1e6)}
     settings = Settings(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_k=args.max_k,
                         request_timeout_s=args.request_timeout, api_keys=api_keys(args.api_key_file),
-                        protect_search=args.protect_search, cors_origins=tuple(args.cors_origin), **budget)
+                        protect_search=args.protect_search, cors_origins=tuple(args.cors_origin),
+                        tokenizer_dirs=tuple(str(d) for d in args.tokenizer_dir), **budget)
     serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port, settings=settings)
 
 
@@ -74,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protect-search", action="store_true", help="searches and other reads need a key too")
     add_list(p, "--cors-origin", default=[], metavar="URL",
              help="browser origins allowed to call the API, e.g. https://viewer.example.org (default: none, CORS off)")
+    add_list(p, "--tokenizer-dir", type=Path, default=[], metavar="DIR",
+             help="folders with text towers' tokenizer files, for text search (e.g. model_repository/conch_text/1); "
+                  "CLIP's vocabulary (clip, PLIP, QuiltNet) ships with open_clip and needs none")
     p.set_defaults(func=serve_command)
 
     p = sub.add_parser("demo", help="the Gradio demo in front of a running search API")

@@ -46,6 +46,7 @@ from server.api.http_errors import json_error, megabytes
 from server.image_cost import decode_bytes
 from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch
 from server.search import BadImage, ImageTooLarge, SearchCore
+from server.text_search import InvalidText, NoTextTower, TextSearch
 from server.api.settings import Settings
 from server.api.slide_admission import SlideQueue, SlidesBusy
 from server.slides.search import NoSuchSlide, NoTissue, SlideSearch, outcome_json
@@ -293,6 +294,30 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
         name = core.folder.name
         for stage, ms in outcome.timings_ms.items():
             app.state.stage_seconds.labels(stage).observe(ms / 1000)
+        return SearchResponse(
+            index=name, k=k, filter=where.describe() if where is not None else None,
+            results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
+                            image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
+            vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),
+            timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
+        )
+
+    texts = TextSearch(service.settings.tokenizer_dirs, service.settings.model_check_interval_s)
+
+    # Form fields (urlencoded or multipart) as the other searches, so the same filter fields apply.
+    @app.post("/v1/search/text", summary="Search an index with a text (encoders with a text tower)",
+              response_model_exclude_none=True)
+    def search_text(text: str | None = Form(None), index: str | None = Form(None), k: int | None = Form(None),
+                    where: ItemFilter | None = Depends(_search_filter), svc: Service = Depends(_service)) -> SearchResponse:
+        k = svc.settings.default_k if k is None else k
+        if not 1 <= k <= svc.settings.max_k:
+            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        core = svc.core(index)
+        try:
+            outcome = texts.search(core, text, k, where)
+        except (NoTextTower, InvalidText) as exc:
+            raise ApiError(400 if isinstance(exc, NoTextTower) else 422, str(exc)) from None
+        name = core.folder.name
         return SearchResponse(
             index=name, k=k, filter=where.describe() if where is not None else None,
             results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),

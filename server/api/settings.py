@@ -59,6 +59,9 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # none: no key needed anywhere
     protect_search: bool = False  # keys for reads (search, indexes, thumbnails) too
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none: CORS off
+    # Folders holding text towers' tokenizer files (histoseek/text_tokenizer.py), searched before the
+    # installed packages' own (open_clip ships CLIP's vocabulary).
+    tokenizer_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Here rather than in each caller: the guard, given no keys, would leave every read open.
