@@ -5,6 +5,7 @@ Layout, one folder per encoder:
     <repo>/<name>/config.pbtxt                    pip Triton (python backend)
     <repo>/<name>/configs/tensorrt_fp16.pbtxt     NVIDIA container (--model-config-name)
     <repo>/<name>/<version>/model.onnx            the contract: images UINT8 [N,S,S,3]
+    <repo>/<name>/<version>/model.onnx.data       its weights, for models over 2 GB (ONNX external data)
     <repo>/<name>/<version>/model.py              -> embeddings FP32 [N,D], L2-normalised
     <repo>/<name>/<version>/encoder.json          spec + model_sha256 + model_version
     <repo>/<name>/<version>/<extra files>         e.g. SPQ codebooks
@@ -21,6 +22,7 @@ from typing import Any
 
 import onnx
 
+from export.onnx_files import data_file, save_onnx, uses_external_data
 from export.triton_config import (
     MAX_QUEUE_DELAY_US,
     TENSORRT_CONFIG_NAME,
@@ -33,7 +35,7 @@ from histoseek.errors import HistoseekError
 
 TRITON_MODEL_SOURCE = Path(__file__).with_name("triton_model.py")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_RESERVED_FILES = {"model.onnx", "model.py", "encoder.json"}
+_RESERVED_FILES = {"model.onnx", "model.onnx.data", "model.py", "encoder.json"}
 
 
 def model_checksum(version_dir: Path) -> str:
@@ -128,22 +130,28 @@ def write_model_version(
     if not Path(onnx_path).is_file():
         raise HistoseekError(f"no ONNX file at {onnx_path}; export the checkpoint first")
 
-    # onnx.load pulls in external weight files, so model.onnx is saved whole: a version
-    # folder must not depend on files the exporter left elsewhere.
-    model = onnx.load(str(onnx_path))
+    # The contract is checked on the graph alone; then onnx.load pulls in external weight
+    # files, so the version folder never depends on files the exporter left elsewhere. A
+    # model over 2 GB keeps its weights as external data (model.onnx.data) in the folder.
+    model = onnx.load(str(onnx_path), load_external_data=False)
     _check_contract(model, spec, Path(onnx_path))
+    external = uses_external_data(model)
+    if external:
+        onnx.load_external_data_for_model(model, str(Path(onnx_path).parent))
 
     model_dir = Path(repo) / name
     version = max(versions(model_dir), default=0) + 1
     version_dir = model_dir / str(version)
     with staged_directory(version_dir) as staging:
-        onnx.save_model(model, str(staging / "model.onnx"))
+        save_onnx(model, staging / "model.onnx", external)
         shutil.copyfile(TRITON_MODEL_SOURCE, staging / "model.py")
         for file_name, source in extra_files.items():
             shutil.copyfile(source, staging / file_name)
         sha256 = model_checksum(staging)
+        # model_sha256 names the graph file; with external data the weights' own checksum goes beside it.
+        data = {"model_data_sha256": file_sha256(data_file(staging / "model.onnx"))} if external else {}
         write_json(
-            staging / "encoder.json", {**spec, "model_sha256": sha256, "model_version": version}
+            staging / "encoder.json", {**spec, "model_sha256": sha256, "model_version": version, **data}
         )
 
     # Configs after the version: they name the latest version's checksum.

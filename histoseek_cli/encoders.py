@@ -1,4 +1,5 @@
-"""`histoseek encoders`: the registered encoders, their presets and specs."""
+"""`histoseek encoders`: the registered encoders, their presets and specs, then the pretrained
+encoders that need no training (embedding size, cost per tile, licence, where the weights come from)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,20 @@ def run(args: argparse.Namespace) -> None:
             print(f"  {name:7s} backbone={spec.backbone} input={spec.input_size}px dim={spec.embedding_dim} "
                   f"output={spec.output_kind} labels={'required' if encoder.needs_labels else 'unused'} "
                   f"start={describe_start(preset)}")
+    _pretrained()
+
+
+def _pretrained() -> None:
+    from training.encoders.registry import list_pretrained
+
+    print("\npretrained, no training (histoseek export --encoder NAME [--weights FILE] --verify-data DIR):")
+    for encoder in list_pretrained():
+        m = encoder.pretrained
+        cost = "fits a CPU" if m.cpu_ok else "too slow for a CPU: wants a GPU"
+        print(f"{m.name}: {m.title}")
+        print(f"  dim={m.embedding_dim} ({m.embedding}) input={m.input_size}px params={m.params_m:.0f}M "
+              f"{m.gflops:.1f} GFLOPs/tile ({cost})")
+        print(f"  weights: {m.weights_file} from {m.page} ({m.layout}); licence: {m.licence}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
