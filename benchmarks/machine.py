@@ -53,8 +53,12 @@ def project_command(argv: list[str]) -> str:
 
 
 def project_relative(path: str | Path) -> str:
-    """`path` relative to the project folder when it lies inside it, else as given."""
-    return str(Path(path).resolve().relative_to(PROJECT)) if _inside(Path(path)) else str(path)
+    """`path` relative to the project folder when it lies inside it or beside it (the team's
+    `../shared`), else as given."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(PROJECT.parent) and PROJECT.parent != Path(resolved.anchor):
+        return os.path.relpath(resolved, PROJECT)
+    return str(path)
 
 
 def _inside(path: Path) -> bool:

@@ -1,0 +1,138 @@
+"""Other labs' tiles: queries from one collection against a database of another.
+
+    python -m benchmarks.cross_collection [--encoders dml simclr …] [--train-minutes 2]
+
+The 32 CRC-VAL-HE-7K tiles of `../shared/data` (Kather et al. 2018: another lab, another
+scanner, other cuts) query the demo collection (Kather et al. 2016), their labels said in its
+vocabulary by `configs/label_maps/crc-val-he-7k_to_kather2016.csv`. Every encoder is trained
+as the quickstart trains it (its `cpu` preset, on the demo collection, for the same
+minutes; a checkpoint already in --workdir is reused), beside the colour histogram and the
+frozen ImageNet backbone. Each row twice: the queries as they are, and Macenko-normalised
+to the stain of the collection's most typical tile (the one whose mean optical density is
+nearest the collection's median). Writes `cross_collection.json`, `.md` and `.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.colour_histogram import colour_histogram_metrics
+from benchmarks.frozen_backbone import frozen_backbone
+from benchmarks.machine import project_relative
+from benchmarks.results_files import figure, write_results
+from histoseek.dataset import Dataset, read_dataset
+from histoseek.label_map import read_label_map, relabel
+from training import checkpoint
+from training.data.tiling import StainNormalizer
+from training.encoders.registry import get_encoder, list_encoders
+from training.evaluate import evaluate_backbone
+from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS
+from training.train import TrainConfig, train
+
+log = logging.getLogger("benchmarks.cross_collection")
+ROOT = Path(__file__).resolve().parent.parent
+KS = [5]
+
+
+def typical_tile(database: Dataset) -> Path:
+    """The tile whose mean optical density (per channel) is nearest the collection's median."""
+    paths = [database.absolute(item) for item in database.items]
+    density = np.stack([(-np.log((np.asarray(Image.open(p).convert("RGB"), np.float64) + 1) / 256)).mean(axis=(0, 1))
+                        for p in paths])
+    return paths[int(np.argmin(np.linalg.norm(density - np.median(density, axis=0), axis=1)))]
+
+
+def stain_normalised(queries: Dataset, reference: Path, out: Path) -> Path:
+    """A copy of the query folder (a folder per class) Macenko-normalised to `reference`;
+    a tile whose stains cannot be estimated is copied as it is (counted in the log)."""
+    normalise, kept = StainNormalizer(reference), 0
+    for item in queries.items:
+        target = out / item.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rgb = np.asarray(Image.open(queries.absolute(item)).convert("RGB"))
+        try:
+            rgb = normalise(rgb)
+        except ValueError:
+            kept += 1
+        Image.fromarray(rgb.astype(np.uint8)).save(target.with_suffix(".png"))
+    log.info("stain-normalised %d queries to %s (%d left as they were)", len(queries) - kept, reference, kept)
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Queries: {report['queries']} ({report['query_count']} tiles), database: {report['database']}, labels "
+             f"mapped by {report['label_map']}; stain reference {report['stain_reference']}.", "",
+             "| model | mMV@5 | P@5 | mMV@5, queries stain-normalised | P@5, stain-normalised |",
+             "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        raw, normed = row["metrics"], row["metrics_stain_normalised"]
+        lines.append(f"| {row['model']} | {raw['mMV@5']:.3f} | {raw['P@5']:.3f} | {normed['mMV@5']:.3f} | "
+                     f"{normed['P@5']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    rows = report["rows"]
+    with figure(path, 1, 1, dpi=120, figsize=(8, 3.8)) as ax:
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["metrics"]["mMV@5"] for r in rows], 0.4, label="queries as they are")
+        ax.bar(x + 0.2, [r["metrics_stain_normalised"]["mMV@5"] for r in rows], 0.4, label="stain-normalised")
+        ax.set_xticks(x, [r["model"].split(" (")[0] for r in rows], fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("mMV@5")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title("CRC-VAL-HE-7K tiles against the demo collection")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", type=Path, default=DEMO_COLLECTION)
+    parser.add_argument("--queries", type=Path, default=ROOT.parent / "shared" / "data" / "crc-val-he-7k-sample")
+    parser.add_argument("--label-map", type=Path,
+                        default=ROOT / "configs" / "label_maps" / "crc-val-he-7k_to_kather2016.csv")
+    parser.add_argument("--encoders", nargs="*", help="default: every registered fine-tuning encoder; the flag "
+                        "alone: only the colour and frozen rows")
+    parser.add_argument("--train-minutes", type=float, default=2.0)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/cross_collection"))
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    database, mapping = read_dataset(args.database), read_label_map(args.label_map)
+    reference = typical_tile(database)
+    normed_dir = stain_normalised(read_dataset(args.queries), reference, args.workdir / "queries_stain_normalised")
+
+    def scored(backbone, spec) -> dict:
+        return {"metrics": evaluate_backbone(backbone, spec, args.database, args.queries, KS,
+                                             label_map=mapping)["metrics"],
+                "metrics_stain_normalised": evaluate_backbone(backbone, spec, args.database, normed_dir, KS,
+                                                              label_map=mapping)["metrics"]}
+
+    rows = [{"model": "colour histogram", **{
+        key: colour_histogram_metrics(database, relabel(read_dataset(folder), mapping, database.labels), KS)
+        for key, folder in (("metrics", args.queries), ("metrics_stain_normalised", normed_dir))}}]
+    frozen = get_encoder("dml").preset("cpu")
+    rows.append({"model": f"frozen {frozen.backbone} (ImageNet, no training)",
+                 **scored(*frozen_backbone(frozen.backbone, frozen.input_size))})
+    names = [e.name for e in list_encoders() if "cpu" in e.presets] if args.encoders is None else args.encoders
+    for name in names:
+        out = args.workdir / name
+        if not (out / checkpoint.WEIGHTS).is_file():
+            train(TrainConfig(encoder=name, data=str(args.database), out=str(out), epochs=QUICKSTART_EPOCHS,
+                              max_minutes=args.train_minutes, fresh=True))
+        config = checkpoint.read_config(out)
+        rows.append({"model": f"{name} ({config['minutes']:.1f} min, {config['steps']} steps)",
+                     **scored(*checkpoint.load_backbone(out))})
+    report = {"database": project_relative(args.database), "queries": project_relative(args.queries),
+              "query_count": len(read_dataset(args.queries)), "label_map": project_relative(args.label_map),
+              "stain_reference": project_relative(reference), "rows": rows}
+    table = markdown(report)
+    write_results(args.results / "cross_collection", report, table, lambda path: plot(report, path))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
