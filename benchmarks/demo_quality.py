@@ -31,7 +31,7 @@ from histoseek.metrics import embedding_retrieval_metrics
 from training import checkpoint
 from training.encoders.registry import EncoderSpec, get_encoder
 from training.evaluate import embed_dataset
-from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS
+from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS, QUICKSTART_MIN_STEPS, QUICKSTART_MINUTES
 from training.train import TrainConfig, train
 
 log = logging.getLogger("benchmarks.demo_quality")
@@ -79,7 +79,8 @@ def plot(report: dict, pairwise: dict[str, np.ndarray], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="dml")
-    parser.add_argument("--train-minutes", type=float, default=2.0)
+    parser.add_argument("--train-minutes", type=float, default=QUICKSTART_MINUTES)
+    parser.add_argument("--min-steps", type=int, default=QUICKSTART_MIN_STEPS)
     parser.add_argument("--collection", type=Path, default=DEMO_COLLECTION)
     parser.add_argument("--workdir", type=Path, default=Path("runs/demo_quality"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
@@ -88,7 +89,7 @@ def main() -> None:
     dataset = read_dataset(args.collection)
     ckpt = args.workdir / args.encoder
     train(TrainConfig(encoder=args.encoder, data=str(args.collection), out=str(ckpt), epochs=QUICKSTART_EPOCHS,
-                      max_minutes=args.train_minutes, fresh=True))
+                      max_minutes=args.train_minutes, min_steps=args.min_steps, fresh=True))
     model, spec = checkpoint.load_backbone(ckpt)
     config = checkpoint.read_config(ckpt)
     preset = get_encoder(args.encoder).preset("cpu")

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from histoseek_cli.options import positive
+
 from histoseek_cli.options import add_list
 
 
@@ -20,7 +22,8 @@ def run(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(encoder=args.encoder, data=str(args.data), out=str(args.out), preset=args.preset,
-                      epochs=args.epochs, max_minutes=args.max_minutes, batch_size=args.batch_size,
+                      epochs=args.epochs, steps=args.steps, max_minutes=args.max_minutes,
+                      min_steps=args.min_steps, batch_size=args.batch_size,
                       init=args.init, split=args.split, seed=args.seed,
                       workers=args.workers, fresh=args.fresh, bits=args.bits,
                       class_names=dict(args.class_names) if args.class_names else None)
@@ -38,7 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--max-minutes", type=float, help="time budget; the schedules follow the clock")
+    p.add_argument("--steps", type=positive(int), help="step budget (instead of --epochs)")
+    p.add_argument("--max-minutes", type=positive(float), help="time budget; the schedules follow the clock")
+    p.add_argument("--min-steps", type=positive(int),
+                   help="with --max-minutes: train at least this many steps, however slow the machine (the "
+                        "clock ends training only after them); the log says how long they take here")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--init", help="where training starts: 'imagenet' (the ImageNet weights that install with "
                                   "HistoSeek; the cpu presets' default), a weights file (DINO, timm, torchvision, "

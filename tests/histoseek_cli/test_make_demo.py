@@ -40,7 +40,7 @@ def test_make_demo_reaches_ready_searches_and_stops_on_ctrl_c(tmp_path):
 
     t_http, t_grpc, t_metrics, api_port, demo_port = distinct_free_ports(5)
     workdir = tmp_path / "demo"
-    args = (f"--train-minutes 0.3 --triton-http-port {t_http} --triton-grpc-port {t_grpc} "
+    args = (f"--train-minutes 0.3 --min-steps 1 --triton-http-port {t_http} --triton-grpc-port {t_grpc} "
             f"--triton-metrics-port {t_metrics} --api-port {api_port} --demo-port {demo_port}")
     process = subprocess.Popen(["make", "demo", f"DEMO_DIR={workdir}", f"DEMO_ARGS={args}"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

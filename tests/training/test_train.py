@@ -93,3 +93,30 @@ def test_label_learning_encoders_refuse_unlabelled_data(name, synth_data, tmp_pa
         (single / "tumour" / dataset.absolute(item).name).write_bytes(dataset.absolute(item).read_bytes())
     with pytest.raises(HistoseekError, match="fewer than two classes"):
         train(TrainConfig(encoder=name, data=str(single), out=str(tmp_path / "out1"), epochs=1, workers=0))
+
+
+def test_schedule_follows_the_clock_but_not_below_the_minimum_steps():
+    from training.train import schedule_progress
+
+    assert schedule_progress(5, 10, 0.0, None, None) == 0.5  # by steps
+    assert schedule_progress(5, 100, 60.0, 60.0, None) == 1.0  # the clock has run out
+    # A slow machine: the minutes are spent, the minimum steps not: the steps lead.
+    assert schedule_progress(25, 300, 120.0, 120.0, 50) == 0.5
+    assert schedule_progress(50, 300, 240.0, 120.0, 50) == 1.0
+    # A fast machine: the clock ends it after more than the minimum.
+    assert schedule_progress(40, 300, 60.0, 120.0, 50) == 0.5
+    assert schedule_progress(55, 300, 120.0, 120.0, 50) == 1.0
+
+
+def test_a_spent_time_budget_still_trains_the_minimum_steps(synth_data, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="training.train")
+    out = train(_config(synth_data, tmp_path / "ckpt", epochs=4, max_minutes=1e-4, min_steps=7))
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 7
+    assert any("s a step here" in r.getMessage() and "7 steps the recipe needs" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    steps = train(_config(synth_data, tmp_path / "steps", epochs=None, steps=5))
+    assert json.loads((steps / "train_config.json").read_text())["steps"] == 5
+    with pytest.raises(HistoseekError, match="--min-steps 99 is more than the run's 12 steps"):
+        train(_config(synth_data, tmp_path / "bad", epochs=4, max_minutes=1, min_steps=99))
