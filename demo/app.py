@@ -1,7 +1,8 @@
 """The Gradio web demo: upload an H&E patch, see the k most similar indexed patches, mark
 results "like these" / "not like these" and search again (the marks of every round are kept
 by the page and sent with each refinement: the API keeps nothing); or choose a whole slide
-and see the most similar slides (the Slides tab, demo/slides_tab.py).
+and see the most similar slides (the Slides tab, demo/slides_tab.py); or describe the tissue in
+words (the Text tab, demo/text_tab.py, for indexes whose encoder has a text tower).
 
 It talks to the search API over HTTP only (`demo/client.py`) and fetches the result
 thumbnails server-side, so the browser needs to reach the demo and nothing else.
@@ -17,6 +18,7 @@ from PIL import Image
 
 from demo.client import ApiError, Hit, SearchClient
 from demo.slides_tab import build_slides_tab
+from demo.text_tab import build_text_tab
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # System fonts only: the default theme loads Google Fonts, which a hospital or offline
@@ -169,9 +171,12 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                         timings = gr.Markdown(elem_id="timings")
             with gr.Tab("Slides", id="slides", elem_id="slides-tab"):
                 load_slides, slide_outputs = build_slides_tab(client)
+            with gr.Tab("Text", id="text", elem_id="text-tab"):
+                load_text, text_outputs = build_text_tab(client)
         blocks.load(refresh_indexes, inputs=index, outputs=[index, status]).then(
             label_choices, inputs=index, outputs=labels)
         blocks.load(load_slides, outputs=list(slide_outputs))
+        blocks.load(load_text, outputs=list(text_outputs))
         refresh.click(refresh_indexes, inputs=index, outputs=[index, status]).then(
             label_choices, inputs=index, outputs=labels)
         index.input(label_choices, inputs=index, outputs=labels)

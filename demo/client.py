@@ -55,6 +55,14 @@ class SearchClient:
         data = {**_search_fields(index, k, labels), "relevant": list(relevant), "not_relevant": list(not_relevant)}
         return self._request("POST", "/v1/search/refine", files=_png_upload(image), data=data).json()
 
+    def search_text(self, text: str, index: str, k: int, labels: list[str] | None = None) -> dict:
+        """`POST /v1/search/text`: the items nearest a text (indexes whose encoder has a text tower)."""
+        return self._request("POST", "/v1/search/text", data={**_search_fields(index, k, labels), "text": text}).json()
+
+    def text_prompts(self, index: str) -> dict[str, str]:
+        """`GET /v1/indexes/{index}/prompts`: the prompts the index's text tower was trained on, per class."""
+        return self._request("GET", f"/v1/indexes/{quote(index, safe='')}/prompts").json()["prompts"]
+
     def thumbnails(self, results: list[dict]) -> list[Hit]:
         """Fetch each result's thumbnail from the API (the browser may not reach the API itself)."""
         with ThreadPoolExecutor(max_workers=8) as pool:  # keep-alive connections, fetched in parallel

@@ -137,3 +137,33 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "tiles"
     synthesize(out, classes=3, per_class=8, size=64, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def text_triton(tmp_path_factory, synth_data, tiny_onnx, served_specs):
+    """Triton serving an untrained scratch `clip` (image and text towers, tests/export/test_text_export.py)
+    and the contract's `tiny` (no text tower), with an index of synth_data by each: (TritonInfo, the
+    indexes folder, holding `clipped` and `plain`). Never edit those indexes: the session shares them."""
+    from export.export_checkpoint import export_checkpoint
+    from export.repository import write_model_version
+    from server import triton
+    from server.index.build import build_index
+    from tests.export.test_text_export import tiny_clip_checkpoint
+    from tests.servers import distinct_free_ports
+
+    work = tmp_path_factory.mktemp("text_search")
+    ckpt = tiny_clip_checkpoint(work / "ckpt", synth_data, labels=("lymphocytes", "stroma", "tumour"),
+                                class_names={"tumour": "tumour cells"})
+    repo = work / "repo"
+    export_checkpoint(ckpt, repo, force=True)  # random weights may embed alike: irrelevant here
+    write_model_version(repo, served_specs["tiny"], tiny_onnx)
+    http_port, grpc_port, metrics_port = distinct_free_ports(3)
+    info = triton.start(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                        run_dir=work / "run")
+    try:
+        indexes = work / "indexes"
+        build_index("clip", synth_data, indexes / "clipped", triton_url=info.grpc_url, batch=8, repo=repo)
+        build_index("tiny", synth_data, indexes / "plain", triton_url=info.grpc_url, batch=8, repo=repo)
+        yield info, indexes
+    finally:
+        triton.stop(work / "run")

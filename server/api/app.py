@@ -326,6 +326,15 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
             timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
         )
 
+    @app.get("/v1/indexes/{index}/prompts", summary="The prompts an index's text tower was trained on, per class")
+    def text_prompts(index: str, svc: Service = Depends(_service)) -> dict:
+        core = svc.core(index)
+        try:
+            prompts = texts.prompts(core)
+        except NoTextTower as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"index": core.folder.name, "encoder": core.folder.manifest["encoder"], "prompts": prompts}
+
     @app.get("/v1/indexes", summary="The loaded indexes")
     def indexes(svc: Service = Depends(_service)) -> list[IndexSummary]:
         return [IndexSummary(name=name, encoder=core.folder.manifest["encoder"],

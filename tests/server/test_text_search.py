@@ -7,40 +7,13 @@ import httpx
 import numpy as np
 import pytest
 
-from export.export_checkpoint import export_checkpoint
-from export.repository import write_model_version
-from server import triton
+from demo.client import ApiError, SearchClient
 from server.api.app import create_app
 from server.embedder import ModelNotFound
-from server.index.build import build_index
 from server.index.folder import ModelMismatch
 from server.text_search import (MAX_TEXT_CHARS, InvalidText, NoTextTower, TextEmbedder, TextSearch, check_text,
                                 search_text_command)
-from tests.export.test_text_export import tiny_clip_checkpoint
-from tests.servers import assert_json_error, distinct_free_ports, served_in_thread
-
-LABELS = ("lymphocytes", "stroma", "tumour")  # synth_data's classes
-
-
-@pytest.fixture(scope="module")
-def text_triton(tmp_path_factory, synth_data, tiny_onnx, served_specs):
-    """Triton serving an untrained scratch `clip` (image and text towers) and the contract's `tiny`
-    (no text tower), and an index of synth_data by each: (TritonInfo, indexes folder)."""
-    work = tmp_path_factory.mktemp("text_search")
-    ckpt = tiny_clip_checkpoint(work / "ckpt", synth_data, labels=LABELS, class_names={"tumour": "tumour cells"})
-    repo = work / "repo"
-    export_checkpoint(ckpt, repo, force=True)  # random weights may embed alike: irrelevant here
-    write_model_version(repo, served_specs["tiny"], tiny_onnx)
-    http_port, grpc_port, metrics_port = distinct_free_ports(3)
-    info = triton.start(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                        run_dir=work / "run")
-    try:
-        indexes = work / "indexes"
-        build_index("clip", synth_data, indexes / "clipped", triton_url=info.grpc_url, batch=8, repo=repo)
-        build_index("tiny", synth_data, indexes / "plain", triton_url=info.grpc_url, batch=8, repo=repo)
-        yield info, indexes
-    finally:
-        triton.stop(work / "run")
+from tests.servers import assert_json_error, served_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +54,25 @@ def test_text_search_returns_ranked_results_and_respects_filters(api, text_trito
                                   triton_url=info.grpc_url, protocol="grpc")
         assert [r["id"] for r in cli["results"]] == [r["id"] for r in body["results"]]
         np.testing.assert_allclose([r["score"] for r in cli["results"]], scores, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_trained_prompts_are_listed_and_the_demo_client_searches_with_them(api):
+    answer = httpx.get(f"{api}/v1/indexes/clipped/prompts", timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"index": "clipped", "encoder": "clip", "prompts": {
+        "lymphocytes": "a histopathology image of lymphocytes", "stroma": "a histopathology image of stroma",
+        "tumour": "a histopathology image of tumour cells"}}
+    assert_json_error(httpx.get(f"{api}/v1/indexes/plain/prompts", timeout=30), 400, "has no text tower")
+    client = SearchClient(api)
+    try:
+        assert client.text_prompts("clipped")["tumour"] == "a histopathology image of tumour cells"
+        found = client.search_text("a histopathology image of stroma", "clipped", 4, labels=["stroma"])
+        assert [r["label"] for r in found["results"]] == ["stroma"] * 4
+        with pytest.raises(ApiError, match="400: index 'plain''s encoder 'tiny' has no text tower"):
+            client.search_text("stroma", "plain", 4)
+    finally:
+        client.close()
 
 
 @pytest.mark.slow
