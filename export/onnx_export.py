@@ -43,12 +43,18 @@ def export_onnx(backbone: nn.Module, spec: EncoderSpec, path: Path, *, fp16: boo
     # The exporter writes a model over 2 GB as many files beside its output: a private folder.
     with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".onnx-export-") as raw_dir:
         raw = os.path.join(raw_dir, "model.onnx")
-        with torch.no_grad():
-            torch.onnx.export(
-                model, (example,), raw, input_names=["images"], output_names=["embeddings"],
-                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
-                opset_version=OPSET, dynamo=False,
-            )
+        # nn.MultiheadAttention's fused inference path (open_clip's ViTs use it) has no ONNX export.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    model, (example,), raw, input_names=["images"], output_names=["embeddings"],
+                    dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+                    opset_version=OPSET, dynamo=False,
+                )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         graph = onnx.load(raw)
         if fp16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
