@@ -99,3 +99,17 @@ def test_export_writes_both_towers_into_the_repository(tmp_path, synth_data):
     # A second export is a second version of each.
     export_checkpoint(ckpt, tmp_path / "repo", force=True)
     assert (tmp_path / "repo" / "clip_text" / "2" / "model.onnx").is_file()
+
+
+def test_training_saves_the_text_tower_and_refuses_unknown_class_names(tmp_path, synth_data):
+    from training.train import TrainConfig, train
+
+    base = dict(encoder="clip", data=str(synth_data), preset="scratch", epochs=1, batch_size=8, workers=0)
+    out = train(TrainConfig(out=str(tmp_path / "ckpt"), class_names={"tumour": "tumour cells"}, **base))
+    assert (out / checkpoint.TEXT_WEIGHTS).is_file()
+    _, spec = checkpoint.load_backbone(out)
+    assert get_encoder("clip").text_tower.prompts(spec.options, spec.labels)["tumour"] == \
+        "a histopathology image of tumour cells"
+    assert checkpoint.load_text_tower(out, spec) is not None
+    with pytest.raises(HistoseekError, match="class names given for MUC, which the data does not have"):
+        train(TrainConfig(out=str(tmp_path / "other"), class_names={"MUC": "mucin"}, **base))
