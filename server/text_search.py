@@ -30,8 +30,13 @@ from server.index.filters import ItemFilter
 from server.index.folder import ModelMismatch
 from server.search import SearchCore, SearchOutcome
 
-# The encoders whose text tower HistoSeek exports (or will export) as `<encoder>_text`.
+# The encoder families whose text tower HistoSeek exports (or will export) as `<encoder>_text`;
+# a family's members are named `<family>` or `<family>-<variant>` (e.g. quiltnet-b-32).
 TEXT_ENCODERS = ("clip", "conch", "plip", "quiltnet")
+
+
+def has_text_family(encoder: str) -> bool:
+    return any(encoder == family or encoder.startswith(family + "-") for family in TEXT_ENCODERS)
 MAX_TEXT_CHARS = 1000
 TEXT_SUFFIX = "_text"
 
@@ -116,7 +121,7 @@ class TextSearch:
             spec = embedder.text_spec()
         except ModelNotFound:
             works = ", ".join(TEXT_ENCODERS)
-            if encoder in TEXT_ENCODERS:
+            if has_text_family(encoder):
                 raise NoTextTower(
                     f"index {name!r}'s encoder {encoder!r} has a text tower, but Triton at {embedder.url} does not "
                     f"serve {embedder.model!r}: export it (`histoseek export --checkpoint DIR`, which writes both "

@@ -12,7 +12,7 @@ from server.api.app import create_app
 from server.embedder import ModelNotFound
 from server.index.folder import ModelMismatch
 from server.text_search import (MAX_TEXT_CHARS, InvalidText, NoTextTower, TextEmbedder, TextSearch, check_text,
-                                search_text_command)
+                                has_text_family, search_text_command)
 from tests.servers import assert_json_error, served_in_thread
 
 
@@ -106,6 +106,11 @@ def test_a_missing_text_field_and_bad_k_get_422(api):
                                  timeout=30), 422, "k must be between 1")
     assert_json_error(httpx.post(f"{api}/v1/search/text", data={"text": "tumour", "index": "nope"}, timeout=30),
                       404, "no index named 'nope'")
+
+
+def test_text_families_name_their_variants():
+    assert has_text_family("clip") and has_text_family("quiltnet-b-32") and has_text_family("conch")
+    assert not has_text_family("dml") and not has_text_family("clipper") and not has_text_family("tiny")
 
 
 def test_check_text_trims_and_bounds():
