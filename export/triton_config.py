@@ -21,10 +21,6 @@ MAX_BATCH_SIZE = 64
 # bought no throughput at 4 or 16 clients (`histoseek bench encoders`, 2026-11-23).
 MAX_QUEUE_DELAY_US = 0
 TENSORRT_CONFIG_NAME = "tensorrt_fp16"
-# Two request priorities in the dynamic batcher's queue (Triton core, so every backend, the
-# python one included): 1, the default, for interactive queries; 2 for the tiles of slide
-# mosaics (server/embedder.py), which a query therefore overtakes in the queue.
-PRIORITY_LEVELS, DEFAULT_PRIORITY = 2, 1
 
 
 def _quote(text: str) -> str:
@@ -56,7 +52,7 @@ input [
 output [
   {{ name: "embeddings" data_type: TYPE_FP32 dims: [ {dim} ] }}
 ]
-dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} priority_levels: {PRIORITY_LEVELS} default_priority_level: {DEFAULT_PRIORITY} }}
+dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
 version_policy: {{ latest: {{ num_versions: 1 }} }}
 {_parameters(all_params)}
 """

@@ -39,7 +39,8 @@ def serve_command(args: argparse.Namespace) -> None:
     settings = Settings(max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_k=args.max_k,
                         request_timeout_s=args.request_timeout, api_keys=api_keys(args.api_key_file),
                         protect_search=args.protect_search, cors_origins=tuple(args.cors_origin),
-                        tokenizer_dirs=tuple(str(d) for d in args.tokenizer_dir), **budget)
+                        tokenizer_dirs=tuple(str(d) for d in args.tokenizer_dir),
+                        max_queued_slides=args.max_queued_slides, slide_start_rate=args.slide_start_rate, **budget)
     serve(args.indexes, args.triton_url, args.protocol, host=args.host, port=args.port, settings=settings)
 
 
@@ -69,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=positive(float), default=Settings.request_timeout_s,
                    help="seconds a search or an add may take to decode, embed and search; then it is stopped "
                         "and answered 503 (default: %(default)s)")
+    p.add_argument("--max-queued-slides", type=positive(int), default=Settings.max_queued_slides,
+                   help="slide searches admitted at once (queued or running); more get 503 with Retry-After at "
+                        "once, as do those the queue could not finish before --request-timeout (default: %(default)s)")
+    p.add_argument("--slide-start-rate", type=positive(float), default=Settings.slide_start_rate,
+                   help="tiles per second slide searches are admitted against until the server has measured its "
+                        "own rate (default: %(default)s)")
     p.add_argument("--api-key-file", type=Path,
                    help=f"API keys, one a line: adding and removing items then needs one (default: ${API_KEYS_ENV}, "
                         "comma separated; neither: no keys)")

@@ -37,13 +37,6 @@ _GRPC_CHANNEL_ARGS = [
 ]
 
 
-# Triton's request priorities (dynamic batcher `priority_levels: 2` in export/triton_config.py;
-# 1 is served first). Queries go at the model's default, INTERACTIVE; the tiles of slide
-# mosaics at BACKGROUND, so that a patch query overtakes every queued mosaic batch. A model
-# exported without priority levels treats both alike (Triton falls back to its default).
-INTERACTIVE, BACKGROUND = 1, 2
-
-
 class TritonUnavailable(HistoseekError):
     """Triton cannot answer now: not running, unreachable, model not ready, or too slow."""
 
@@ -184,9 +177,8 @@ class Embedder:
         version = self._parameters()[0].get("model_version")
         return int(version) if version else None
 
-    def embed(self, images: np.ndarray, priority: int = 0) -> np.ndarray:
-        """Embed uint8 RGB images [N, S, S, 3]; float32 [N, D], in batches of batch_size.
-        `priority`: Triton's request priority (INTERACTIVE, BACKGROUND; 0: the model's default)."""
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embed uint8 RGB images [N, S, S, 3]; float32 [N, D], in batches of batch_size."""
         spec = self.spec()
         size, dim = int(spec["input_size"]), int(spec["embedding_dim"])
         images = np.asarray(images)
@@ -196,12 +188,12 @@ class Embedder:
                 f"got {images.dtype} {list(images.shape)}. Resize and crop them to {size}x{size}"
             )
         step = min(self.batch_size, self._max_batch_size or self.batch_size)
-        parts = [self._infer(images[i:i + step], priority) for i in range(0, len(images), step)]
+        parts = [self._infer(images[i:i + step]) for i in range(0, len(images), step)]
         return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
-    def _infer(self, batch: np.ndarray, priority: int = 0) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
         inputs = self._module.InferInput("images", list(batch.shape), "UINT8")
         inputs.set_data_from_numpy(np.ascontiguousarray(batch))
         outputs = self._module.InferRequestedOutput("embeddings")
-        result = self._call("infer", self.model, [inputs], outputs=[outputs], priority=priority)
+        result = self._call("infer", self.model, [inputs], outputs=[outputs])
         return result.as_numpy("embeddings")

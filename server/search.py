@@ -97,11 +97,9 @@ class SearchCore:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return resize_and_crop(image, self.model_size())
 
-    def embed(self, images: np.ndarray, priority: int = 0) -> np.ndarray:
-        """`priority`: Triton's request priority (0: the model's default, interactive; larger
-        numbers wait behind smaller ones: server.embedder.BACKGROUND for slide mosaics)."""
+    def embed(self, images: np.ndarray) -> np.ndarray:
         self.verify_model()
-        return self.embedder.embed(images, priority=priority)
+        return self.embedder.embed(images)
 
     def search(self, data: bytes, k: int, name: str = "image", check: Check = _never,
                where: ItemFilter | None = None) -> SearchOutcome:

@@ -14,7 +14,9 @@ size before the app reads a byte of the body. Keys are never logged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,11 +46,12 @@ from server.api.guard import RequestGuard
 from server.api.head import HeadAsGet
 from server.api.http_errors import json_error, megabytes
 from server.image_cost import decode_bytes
-from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch
+from server.index.folder import MANIFEST_FILE, IndexFolder, ModelMismatch, UnknownItems
+from server.refine import BadMarks, check_marks
 from server.search import BadImage, ImageTooLarge, SearchCore
 from server.text_search import InvalidText, NoTextTower, TextSearch
 from server.api.settings import Settings
-from server.api.slide_admission import SlideQueue, SlidesBusy
+from server.api.slide_admission import Interactive, SlideQueue, SlidesBusy
 from server.slides.search import NoSuchSlide, NoTissue, SlideSearch, outcome_json
 from server.slides.views import SlideUnavailable
 from server.index.store import Item
@@ -115,7 +118,7 @@ def _status_of(exc: HistoseekError) -> int:
         return 413
     if isinstance(exc, (NoSuchId, NoSuchSlide)):
         return 404
-    if isinstance(exc, (InvalidField, NoTissue)):
+    if isinstance(exc, (InvalidField, NoTissue, BadMarks, UnknownItems)):
         return 422
     if isinstance(exc, (TritonUnavailable, ModelNotFound, ModelMismatch, Busy, Stopped, SlideUnavailable,
                         BackendUnavailable, SlidesBusy)):
@@ -160,6 +163,7 @@ class Service:
 
         self.slide_queue = SlideQueue(settings.slide_start_rate, settings.max_queued_slides, settings.slide_workers,
                                       MAX_QUERY_TILES, after_each=trim_freed_memory)
+        self.interactive = Interactive()  # patch searches in flight: slide work gives way to them
         # /readyz asks Triton: in a thread of its own, so that busy pools never make it late.
         self.readiness_pool = ThreadPoolExecutor(1, thread_name_prefix="histoseek-readyz")
 
@@ -196,8 +200,9 @@ class Service:
         cost = decode_bytes(await run_in_threadpool(header), core.folder.manifest.get("input_size", 224)) + size
 
         def run(job: Job):
-            upload.file.seek(0)
-            return work(upload.file.read(limit + 1), name, job)
+            with self.interactive:
+                upload.file.seek(0)
+                return work(upload.file.read(limit + 1), name, job)
 
         return await self.admission.run(cost, run, request.is_disconnected)
 
@@ -217,6 +222,18 @@ class Service:
             except HistoseekError as exc:
                 problems[f"index {name}"] = str(exc)
         return problems
+
+
+def _search_response(app: FastAPI, name: str, k: int, where: ItemFilter | None, outcome) -> SearchResponse:
+    for stage, ms in outcome.timings_ms.items():
+        app.state.stage_seconds.labels(stage).observe(ms / 1000)
+    return SearchResponse(
+        index=name, k=k, filter=where.describe() if where is not None else None,
+        results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
+                        image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
+        vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),
+        timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
+    )
 
 
 def _service(request: Request) -> Service:
@@ -291,16 +308,25 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
         core = svc.core(index)
         outcome = await svc.decode_and(request, core, image, lambda data, name, job: core.search(
             data, k, name=name, check=job.check, where=where))
-        name = core.folder.name
-        for stage, ms in outcome.timings_ms.items():
-            app.state.stage_seconds.labels(stage).observe(ms / 1000)
-        return SearchResponse(
-            index=name, k=k, filter=where.describe() if where is not None else None,
-            results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
-                            image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
-            vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),
-            timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
-        )
+        return _search_response(app, core.folder.name, k, where, outcome)
+
+    @app.post("/v1/search/refine", summary="Search again with results marked relevant or not (Rocchio)",
+              dependencies=upload, response_model_exclude_none=True)
+    async def refine(request: Request, image: UploadFile = File(...), index: str | None = Form(None),
+                     k: int | None = Form(None), relevant: list[int] | None = Form(None),
+                     not_relevant: list[int] | None = Form(None), where: ItemFilter | None = Depends(_search_filter),
+                     svc: Service = Depends(_service)) -> SearchResponse:
+        """The query image again, with the ids of results the user marked (repeatable fields
+        `relevant=12&relevant=40&not_relevant=7`); stateless: nothing is kept between rounds."""
+        k = svc.settings.default_k if k is None else k
+        if not 1 <= k <= svc.settings.max_k:
+            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        relevant, not_relevant = relevant or [], not_relevant or []
+        check_marks(relevant, not_relevant)
+        core = svc.core(index)
+        outcome = await svc.decode_and(request, core, image, lambda data, name, job: core.refine(
+            data, k, relevant, not_relevant, name=name, check=job.check, where=where))
+        return _search_response(app, core.folder.name, k, where, outcome)
 
     texts = TextSearch(service.settings.tokenizer_dirs, service.settings.model_check_interval_s)
 
@@ -418,7 +444,7 @@ def _slide_routes(app: FastAPI, service: Service) -> None:
 
         outcome = await search_slide(searcher=SlideSearch(core), slide_id=slide_id, upload=slide, k=k,
                                      settings=svc.settings, admission=svc.admission, queue=svc.slide_queue,
-                                     gone=request.is_disconnected)
+                                     interactive=svc.interactive, gone=request.is_disconnected)
         return outcome_json(outcome, core.folder.name)
 
     @app.get("/v1/slides/{index}", summary="The slides an index holds tiles of")
@@ -510,6 +536,15 @@ def serve(indexes_dir: Path, triton_url: str, protocol: str = "grpc", host: str 
     faiss.omp_set_num_threads(1)
     return_freed_memory()
     app = create_app(indexes_dir, triton_url, protocol, settings)
+    # Everything loaded so far lives as long as the server: out of the collector's sight, a
+    # full collection (set off by the objects a slide search makes) walks only what requests
+    # made, and no longer pauses every thread for a few hundred ms (issue 22).
+    gc.collect()
+    gc.freeze()
+    # A thread waiting for the interpreter lock gets it after at most this long: 1 ms instead
+    # of 5, so that a patch search's many short steps are not each held up behind slide work
+    # (tile reading, ranking) running in other threads.
+    sys.setswitchinterval(0.001)
     settings = app.state.service.settings
     access = ("no API keys: anyone who reaches the port may add and remove items" if not settings.api_keys else
               f"{len(settings.api_keys)} API keys, needed for {'reads and writes' if settings.protect_search else 'writes'}")

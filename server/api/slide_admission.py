@@ -12,7 +12,8 @@ The rule, decided before any tile is read:
     admit when  wait + tiles / rate  <=  SAFETY * (time left before the request's deadline)
             and fewer than `max_queued` slide searches are admitted and unfinished
 
-It is applied twice: when the request arrives, with the tiles a query is expected to have
+Until the first slide search has finished, the estimate is a guess: then a search that
+finds the queue empty is admitted whatever it says (one probe at a time). It is applied twice: when the request arrives, with the tiles a query is expected to have
 (a running mean of recent mosaics, at first the most a query may have), before the upload
 is even planned, so that a burst is refused in milliseconds; and once the mosaic is
 planned, with its real count.
@@ -43,6 +44,33 @@ T = TypeVar("T")
 
 ALPHA = 0.3  # weight of the newest measurement in the rate's running mean
 SAFETY = 0.8  # admitted work must fit in this share of the time left (estimates err)
+
+
+class Interactive:
+    """Patch searches in flight, which slide work gives way to: before each batch of tiles a
+    slide search waits (up to `most_s`) until none is running, so that on a machine of few
+    cores a patch query does not share them with mosaic tiles being read and resized.
+    Bounded, so that a steady stream of patch queries slows the slides but never stops them."""
+
+    def __init__(self, most_s: float = 0.2):
+        self.most_s = most_s
+        self._running = 0
+        self._clear = threading.Condition()
+
+    def __enter__(self) -> "Interactive":
+        with self._clear:
+            self._running += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._clear:
+            self._running -= 1
+            if not self._running:
+                self._clear.notify_all()
+
+    def give_way(self) -> None:
+        with self._clear:
+            self._clear.wait_for(lambda: self._running == 0, self.most_s)
 
 
 class SlidesBusy(HistoseekError):
@@ -89,10 +117,9 @@ class SlideQueue:
         with self._lock:
             return self._left() / (self.rate * self.workers)
 
-    def _refusal(self, tiles: int, time_left: float, backlog_s: float, why: str) -> SlidesBusy:
-        self.refused += 1
+    def _refusal(self, tiles: int, timeout_s: float, backlog_s: float, why: str) -> SlidesBusy:
         # The queue drains at rate*workers; a request sent again gets a whole deadline of its own.
-        retry = max(1, math.ceil(backlog_s + tiles / self.rate - SAFETY * time_left))
+        retry = max(1, math.ceil(backlog_s + tiles / self.rate - SAFETY * timeout_s))
         return SlidesBusy(f"the server is busy with other slide searches ({why}); retry in {retry} s, or search "
                           "with a slide of the index (slide_id)", retry)
 
@@ -106,14 +133,14 @@ class SlideQueue:
             backlog = self._left() / (self.rate * self.workers)
             if len(self.admitted) >= self.max_queued:
                 why = f"{len(self.admitted)} slide searches are queued, the most it takes"
-            elif backlog + expected / self.rate > SAFETY * time_left:
+            elif backlog + expected / self.rate > SAFETY * time_left and not self._probe():
                 why = f"its queue needs {backlog:.0f} s, and a slide about {expected / self.rate:.0f} s more"
             else:
                 progress = Progress(expected)
                 self.admitted.append(progress)
                 return progress
             self.refused += 1
-        raise self._refusal(expected, time_left, backlog, why)
+        raise self._refusal(expected, job.timeout_s, backlog, why)
 
     def admit(self, progress: Progress, tiles: int, job: Job) -> None:
         """The planned cost replaces the expected one: kept if it can finish before the deadline,
@@ -122,14 +149,19 @@ class SlideQueue:
         with self._lock:
             self.expected = ALPHA * tiles + (1 - ALPHA) * self.expected
             backlog = self._left(besides=progress) / (self.rate * self.workers)
-            if backlog + tiles / self.rate <= SAFETY * time_left:
+            if backlog + tiles / self.rate <= SAFETY * time_left or self._probe(besides=progress):
                 progress.tiles = tiles
                 return
             self.admitted.remove(progress)
             self.refused += 1
-        raise self._refusal(tiles, time_left, backlog,
+        raise self._refusal(tiles, job.timeout_s, backlog,
                             f"{tiles} tiles to embed at {self.rate:.0f} tiles/s after {backlog:.0f} s of queue would "
                             "end after the request's deadline")
+
+    def _probe(self, besides: Progress | None = None) -> bool:
+        """Until a slide search has been measured, one at a time is admitted whatever the
+        starting estimate says: an idle server must not refuse its first slide."""
+        return self.measured == 0 and not any(p is not besides for p in self.admitted)
 
     def release(self, progress: Progress) -> None:
         """Give up a place that never ran (planning failed, or the request stopped)."""

@@ -9,6 +9,7 @@ is still between two tiles). `SharedPlan` closes it when the last of them lets g
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ from histoseek.imaging import ImageTooLarge
 from server.api.admission import Admission
 from server.api.http_errors import megabytes
 from server.api.settings import Settings
-from server.api.slide_admission import SlideQueue
+from server.api.slide_admission import Interactive, SlideQueue
 from server.index.fields import upload_name
 from server.job import Job, Stopped
 from server.search import BadImage
@@ -53,7 +54,7 @@ class SharedPlan:
 
 
 async def search_slide(*, searcher: SlideSearch, slide_id: str | None, upload, k: int, settings: Settings,
-                       admission: Admission, queue: SlideQueue,
+                       admission: Admission, queue: SlideQueue, interactive: Interactive,
                        gone: Callable[[], Awaitable[bool]]) -> SlideSearchOutcome:
     """Reserve a place in the slide queue, plan the query, admit it by its tiles, search it."""
     job = admission.job()
@@ -85,7 +86,11 @@ async def search_slide(*, searcher: SlideSearch, slide_id: str | None, upload, k
             if not shared.enter():
                 raise Stopped(job.message())
             try:
-                return searcher.search_plan(shared.plan, k, job.check, progress)
+                def check() -> None:  # before each batch of tiles: patch searches first
+                    interactive.give_way()
+                    job.check()
+
+                return searcher.search_plan(shared.plan, k, check, progress)
             finally:
                 shared.leave()
 
@@ -100,14 +105,14 @@ async def search_slide(*, searcher: SlideSearch, slide_id: str | None, upload, k
 
 
 def _save_upload(upload, settings: Settings, shared: SharedPlan) -> None:
-    """The upload, to a private temporary file (OpenSlide reads files); its name is never shown."""
+    """The upload, copied to a private temporary file (OpenSlide reads files) a block at a time,
+    never whole in memory; its name is never shown."""
     name, limit = upload_name(upload.filename), settings.max_upload_bytes
-    upload.file.seek(0)
-    data = upload.file.read(limit + 1)
-    if len(data) > limit:
+    size = upload.size if upload.size is not None else limit + 1
+    if size > limit:
         raise ImageTooLarge(f"{name} is larger than {megabytes(limit)}; search with a slide of the index "
                             "(slide_id) or raise --max-upload-mb")
-    if not data:
+    if size == 0:
         raise BadImage(f"{name} is empty: send a slide file (tiled TIFF, SVS, …)")
     from histoseek.slides.reader import SLIDE_SUFFIXES
 
@@ -115,5 +120,6 @@ def _save_upload(upload, settings: Settings, shared: SharedPlan) -> None:
     suffix = Path(name).suffix.lower()
     handle, shared.path = tempfile.mkstemp(prefix="histoseek-slide-",
                                            suffix=suffix if suffix in SLIDE_SUFFIXES else ".tiff")
+    upload.file.seek(0)
     with os.fdopen(handle, "wb") as f:
-        f.write(data)
+        shutil.copyfileobj(upload.file, f, 1 << 20)

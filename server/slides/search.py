@@ -32,8 +32,10 @@ NEIGHBOURS = 64  # index tiles fetched per query tile (beyond the query's own sl
 MAX_QUERY_TILES = 256  # a query's mosaic is cut down to this many tiles (evenly, by position order)
 MATCHES_SHOWN = 5  # tile pairs returned per result slide
 # Tiles read and embedded at once. Small, because a patch query that reaches Triton while a
-# mosaic batch runs waits for that batch (priorities order the queue, not the running batch),
-# and because the request's stop is checked between batches.
+# mosaic batch runs waits for that batch, and because the request's stop (and the patch
+# searches it gives way to) are checked between batches. (Triton's request priorities were
+# tried: in the pip Triton 2.51 with the python backend, a model with `priority_levels` made
+# ~1 in 25 queries wait 0.4-0.5 s even on an idle server, so they are not used.)
 EMBED_BATCH = 8
 
 
@@ -132,7 +134,7 @@ class SlideSearch:
         """(tile px, µm/px) the index's slides were tiled at: a query slide is tiled alike."""
         records = self.core.folder.store.slides()
         if not records:
-            raise HistoseekError(f"index {self.core.folder.name!r} holds no slides; build it from a folder made by "
+            raise NoSuchSlide(f"index {self.core.folder.name!r} holds no slides; build it from a folder made by "
                                  "`histoseek data prepare --format slides`")
         return records[0].tile, records[0].mpp
 
@@ -201,10 +203,8 @@ class SlideSearch:
 
     def search_plan(self, plan: QueryPlan, k: int, check: Callable[[], None] = lambda: None,
                     progress=None) -> SlideSearchOutcome:
-        """Read, embed (at Triton's BACKGROUND priority, EMBED_BATCH tiles at a time) and search
-        the plan's tiles; `check` between batches stops the work, `progress.advance(n)` reports it."""
-        from server.embedder import BACKGROUND
-
+        """Read, embed (EMBED_BATCH tiles at a time) and search the plan's tiles; `check` between
+        batches may stop the work (or wait), `progress.advance(n)` reports it."""
         opened, positions, tile, own, query = plan.opened, plan.positions, plan.tile, plan.own, plan.query
         marks, read_s = [time.perf_counter()], 0.0
         reading, size = opened.tiling(tile, plan.mpp), self.core.model_size()
@@ -216,7 +216,7 @@ class SlideSearch:
                               for x, y in positions[start:start + EMBED_BATCH].tolist()])
             read_s += time.perf_counter() - began
             check()
-            parts.append(self.core.embed(batch, priority=BACKGROUND))
+            parts.append(self.core.embed(batch))
             if progress is not None:
                 progress.advance(len(batch))
         vectors = np.concatenate(parts)

@@ -12,6 +12,7 @@ import http.client
 import random
 import shutil
 import struct
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -133,10 +134,27 @@ def api(indexes_dir, triton_server):
         yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "rss_mb": rss_mb(), "fds": open_fds()}
 
 
+ERROR_BODIES: list[str] = []  # every error answer of this module, checked at its end
+
+
+def _keep_error(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        response.read()
+        ERROR_BODIES.append(response.text)
+
+
 @pytest.fixture
 def client(api):
-    with httpx.Client(base_url=api["url"], timeout=60) as http:
+    with httpx.Client(base_url=api["url"], timeout=60, event_hooks={"response": [_keep_error]}) as http:
         yield http
+
+
+def test_png_stuffed_with_text_chunks_is_refused_from_its_chunk_lengths(client, small_png):
+    """80,000 text chunks made Pillow read for seconds before the first pixel; refused from the lengths."""
+    chunk = png_chunk(b"tEXt", b"comment\x00" + b"x" * 8)
+    stuffed = small_png[:33] + chunk * 80_000 + small_png[33:]
+    response = client.post("/v1/search", files={"image": ("chunks.png", stuffed, "image/png")})
+    assert_json_error(response, 400, "chunks.png is a PNG of more than 1,000 metadata chunks")
 
 
 @pytest.mark.parametrize("what, data, files, status, message", BAD_UPLOADS, ids=[case[0] for case in BAD_UPLOADS])
@@ -308,6 +326,17 @@ def test_server_is_unharmed(client, api, synth_data):
     # in memory, and no spooled upload or connection was left open.
     assert rss_mb() - api["rss_mb"] < 150, (api["rss_mb"], rss_mb())
     assert open_fds() - api["fds"] < 10, (api["fds"], open_fds())
+
+
+def test_no_error_names_a_server_path(client, api, tmp_path_factory):
+    """No message of the whole suite gives away the server's files: its temporary folder
+    (where uploaded slides are saved), or the folders of its indexes."""
+    assert_json_error(client.post("/v1/search/slides", files={"slide": ("mine.tiff", b"II*\x00 not a slide")}),
+                      404, "index 'tissue' holds no slides")
+    assert ERROR_BODIES
+    private = (tempfile.gettempdir(), "histoseek-slide-", str(tmp_path_factory.getbasetemp()))
+    leaks = [body for body in ERROR_BODIES if any(path in body for path in private)]
+    assert not leaks, leaks
 
 
 # -- arbitrary form values and file names (hypothesis) -------------------------------------------
