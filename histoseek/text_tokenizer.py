@@ -64,7 +64,7 @@ class TokenizerSpec:
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """Printable stand-ins for the 256 byte values (the BPE never sees whitespace or control bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -93,8 +93,8 @@ class ClipBpeTokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
         self.cache: dict[str, str] = {t: t for t in special}
-        self.pattern = regex.compile("|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                     regex.IGNORECASE)
+        words = r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        self.pattern = regex.compile("|".join(special) + words, regex.IGNORECASE)
         self.sot, self.eot = self.encoder[special[0]], self.encoder[special[1]]
         self.context_length = int(context_length)
 
@@ -188,7 +188,8 @@ def find_vocab(spec: TokenizerSpec, dirs: Iterable[Path] = ()) -> Path:
         if candidate.is_file() and file_sha256(candidate) == spec.vocab_sha256:
             return candidate
     raise HistoseekError(
-        f"no tokenizer vocabulary {spec.vocab} (sha256 {spec.vocab_sha256[:12]}…) in {', '.join(map(str, searched))}; "
+        f"no tokenizer vocabulary {spec.vocab} (sha256 {spec.vocab_sha256[:12]}…) in "
+        f"{', '.join(map(str, searched))}; "
         "it lies beside the exported text model (model_repository/<encoder>_text/<version>/): give that folder "
         "to the API with `histoseek serve --tokenizer-dir DIR`")
 
@@ -204,12 +205,14 @@ def clip_bpe_spec(context_length: int, vocab_path: Path | None = None) -> Tokeni
 
 
 def load_tokenizer(spec: TokenizerSpec, dirs: Iterable[Path] = ()) -> ClipBpeTokenizer:
+    """The tokenizer a spec names; built (and its vocabulary found and checksummed) once per
+    spec and folders, as the API asks for it on every request."""
     if spec.kind not in _KINDS:
         raise HistoseekError(f"tokenizer kind {spec.kind!r} is not known here (known: {', '.join(sorted(_KINDS))}); "
                              "update HistoSeek")
-    return _cached(spec, find_vocab(spec, dirs))
+    return _cached(spec, tuple(Path(d) for d in dirs))
 
 
 @lru_cache(maxsize=8)
-def _cached(spec: TokenizerSpec, vocab: Path) -> ClipBpeTokenizer:
-    return _KINDS[spec.kind](vocab, spec.context_length)
+def _cached(spec: TokenizerSpec, dirs: tuple[Path, ...]) -> ClipBpeTokenizer:
+    return _KINDS[spec.kind](find_vocab(spec, dirs), spec.context_length)

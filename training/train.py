@@ -213,7 +213,8 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     state = None if cfg.fresh else checkpoint.load_resume_state(out)
     step, elapsed = 0, 0.0
     if state is not None:
-        if [state["config"].get(k) for k in ("encoder", "preset", "bits")] != [cfg.encoder, cfg.preset, cfg.bits]:
+        if [state["config"].get(k) for k in ("encoder", "preset", "bits", "class_names")] != \
+                [cfg.encoder, cfg.preset, cfg.bits, cfg.class_names]:  # class names change clip's prompts
             bits = f" ({state['config']['bits']} bits)" if state["config"].get("bits") else ""
             raise HistoseekError(f"{out} holds a {state['config']['encoder']}/{state['config']['preset']}{bits} run; "
                                  "choose another --out or pass --fresh")

@@ -45,7 +45,8 @@ PRESETS = {
                                                           timm_model_pretrained=False, timm_pool="avg",
                                                           timm_proj="linear", image_size=224),
                                           text_cfg=_SMALL_TEXT_TOWER),
-                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05, color_jitter=0.1)),
+                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05,
+                               color_jitter=0.1)),
     # From random weights: a ViT-Tiny-sized image tower on 64-px tiles and a 3-layer text tower.
     "scratch": Preset(backbone="open_clip-vit-tiny-8", input_size=64, embedding_dim=128, batch_size=64, epochs=30,
                   lr=5e-4, weight_decay=0.1, warmup_epochs=2, mean=CLIP_MEAN, std=CLIP_STD,
@@ -53,12 +54,13 @@ PRESETS = {
                                           vision_cfg=dict(image_size=64, layers=6, width=192, head_width=64,
                                                           patch_size=8),
                                           text_cfg=_SMALL_TEXT_TOWER),
-                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05, color_jitter=0.2)),
+                               prompt="a histopathology image of {}", class_names={}, hed_strength=0.05,
+                               color_jitter=0.2)),
     # OpenAI's ViT-B/32 architecture (open_clip "ViT-B-32"); fine-tune from its weights with --init.
     "paper": Preset(backbone="open_clip-ViT-B-32", input_size=224, embedding_dim=512, batch_size=128, epochs=10,
                     lr=1e-5, weight_decay=0.1, warmup_epochs=1, mean=CLIP_MEAN, std=CLIP_STD,
-                    options=dict(model=open_clip.get_model_config("ViT-B-32"), prompt="a histopathology image of {}", class_names={},
-                                 hed_strength=0.05, color_jitter=0.2)),
+                    options=dict(model=open_clip.get_model_config("ViT-B-32"), prompt="a histopathology image of {}",
+                                 class_names={}, hed_strength=0.05, color_jitter=0.2)),
 }
 
 
