@@ -343,14 +343,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
             outcome = texts.search(core, text, k, where)
         except (NoTextTower, InvalidText) as exc:
             raise ApiError(400 if isinstance(exc, NoTextTower) else 422, str(exc)) from None
-        name = core.folder.name
-        return SearchResponse(
-            index=name, k=k, filter=where.describe() if where is not None else None,
-            results=[Result(rank=rank, id=hit.id, score=hit.score, **_item_fields(hit.item),
-                            image_url=_image_url(name, hit.id)) for rank, hit in enumerate(outcome.hits, 1)],
-            vote=Vote(label=outcome.vote[0], share=outcome.vote[1]),
-            timings_ms={stage: round(ms, 3) for stage, ms in outcome.timings_ms.items()},
-        )
+        return _search_response(app, core.folder.name, k, where, outcome)
 
     @app.get("/v1/indexes/{index}/prompts", summary="The prompts an index's text tower was trained on, per class")
     def text_prompts(index: str, svc: Service = Depends(_service)) -> dict:
