@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> None:
             raise HistoseekError(f"{args.encoder} was not trained here: pass --verify-data DIR, a few of your tiles "
                                  "to check the ONNX export against PyTorch")
         args.checkpoint = write_checkpoint(args.encoder, args.weights,
-                                           args.checkpoint or Path("checkpoints") / args.encoder)
+                                           args.checkpoint or Path("work/checkpoints") / args.encoder)
     elif args.checkpoint is None or args.weights:
         raise HistoseekError("give --checkpoint DIR (a trained encoder) or --encoder NAME [--weights FILE] "
                              "(a pretrained one; `histoseek encoders` lists them)")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="checkpoint -> verified ONNX -> Triton model repository")
     p.add_argument("--checkpoint", type=Path,
                    help="a checkpoint folder; with --encoder, where the pretrained encoder's folder is written "
-                        "(default: checkpoints/NAME)")
+                        "(default: work/checkpoints/NAME)")
     p.add_argument("--encoder", help="a pretrained encoder that needs no training (`histoseek encoders`)")
     p.add_argument("--weights", help="with --encoder: its published weights file (safetensors or a PyTorch state "
                                      "dict; never a pickle with code), or hf-hub:ID online (default: its hub page)")
