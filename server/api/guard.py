@@ -15,7 +15,8 @@ from server.api.http_errors import json_error, megabytes
 from server.api.settings import Settings
 
 # Requests that only read; every other method (and any endpoint added later) counts as a write.
-_READS = {("POST", "/v1/search"), ("POST", "/v1/search/slides"), ("POST", "/v1/search/text")}
+_READS = {("POST", "/v1/search"), ("POST", "/v1/search/slides"), ("POST", "/v1/search/text"),
+          ("POST", "/v1/search/refine")}
 # Refusals close the connection: that stops the client sending the rest of a refused body,
 # which uvicorn would otherwise read and throw away to keep the connection alive.
 _CLOSE = {"Connection": "close"}

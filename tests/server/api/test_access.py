@@ -92,6 +92,10 @@ def test_reads_stay_open_without_protect_search(cli_server):
     url = cli_server["url"]
     found = search(url)
     assert found.status_code == 200 and len(found.json()["results"]) == 3
+    # Refining is a search too: no key needed.
+    refined = httpx.post(f"{url}/v1/search/refine", files={"image": ("q.png", QUERY_PNG)},
+                         data={"k": "3", "relevant": [str(found.json()["results"][1]["id"])]}, timeout=30)
+    assert refined.status_code == 200, refined.text
     assert httpx.get(f"{url}{found.json()['results'][0]['image_url']}").status_code == 200
     assert httpx.get(f"{url}/v1/indexes").status_code == 200
     # The limits came from the command line too.
