@@ -43,6 +43,7 @@ class Answer:
     status: int
     retry_after: int | None
     error: str
+    tiles: int | None = None  # the query's mosaic, when served
 
     @property
     def seconds(self) -> float:
@@ -73,10 +74,11 @@ def burst(url: str, data: bytes, count: int, timeout: float = 120) -> list[Answe
                                    data={"k": "3"})
             ended = time.perf_counter()
             retry = response.headers.get("Retry-After")
-            error = response.json().get("error", "") if response.status_code != 200 else ""
+            body_json = response.json()
+            error = body_json.get("error", "") if response.status_code != 200 else ""
             with lock:
                 answers.append(Answer(sent, body.done_at or ended, ended, response.status_code,
-                                      int(retry) if retry else None, error))
+                                      int(retry) if retry else None, error, body_json.get("query_tiles")))
 
         threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
         for thread in threads:

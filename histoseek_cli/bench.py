@@ -28,6 +28,13 @@ def search(args: argparse.Namespace) -> None:
 
 
 def slides(args: argparse.Namespace) -> None:
+    if args.load:
+        from benchmarks.bench_slide_load import bench_slide_load_command
+
+        print(bench_slide_load_command(concurrency=args.concurrency, slide_size=args.load_slide_size,
+                                       workdir=args.workdir / "load", results=args.results,
+                                       request_timeouts=tuple(args.load_timeouts)))
+        return
     from benchmarks.bench_slides import bench_slides_command
 
     print(bench_slides_command(checkpoint=args.checkpoint, slides=args.slides, classes=args.classes,
@@ -84,6 +91,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--big-slide", type=int, default=40_000, help="side of the slide whose ingest is measured (0: skip)")
     add_list(p, "--archives", type=positive(int), default=[100, 1_000, 10_000], metavar="N",
              help="archive sizes in slides (default: 100 1000 10000)")
+    p.add_argument("--load", action="store_true",
+                   help="instead: N concurrent slide uploads beside a stream of patch searches against a running "
+                        "`histoseek serve` (served, refused with Retry-After, timed out; patch p50/p99; RSS)")
+    add_list(p, "--concurrency", type=positive(int), default=[1, 2, 4, 8, 16], metavar="N",
+             help="with --load: concurrent slide uploads (default: 1 2 4 8 16)")
+    add_list(p, "--load-timeouts", type=positive(float), default=[30.0, 3.0], metavar="S",
+             help="with --load: the server's --request-timeout, one run each (default: 30 3; 3 s is to this "
+                  "benchmark's light slide what 30 s is to a 24,000 px scan of 7 s)")
+    p.add_argument("--load-slide-size", type=positive(int), default=6144,
+                   help="with --load: level-0 side of the query slide (default: %(default)s: a 256-tile mosaic)")
     p.add_argument("--workdir", type=Path, default=Path("work/bench_slides"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     p.set_defaults(func=slides)

@@ -43,10 +43,11 @@ class Settings:
     workers: int = 16  # threads that decode, embed and search; memory is bounded by the budget, not by them
     # Slide searches (server/api/slide_admission.py): admitted by their tiles against the
     # measured embedding rate, which starts at slide_start_rate tiles/s (low: a first burst
-    # is refused rather than timed out); at most max_queued_slides admitted at once, run
-    # slide_workers at a time.
+    # is refused rather than timed out); at most max_queued_slides admitted at once (each
+    # holds its upload in a temporary file and an open slide, no pixels), run slide_workers
+    # at a time. The deadline, not the count, is what normally refuses.
     slide_start_rate: float = 20.0
-    max_queued_slides: int = 8
+    max_queued_slides: int = 32
     slide_workers: int = 1
     # Connections: request headers due within header_timeout_s of opening (or of the previous
     # response), the body within body_timeout_s of the headers (20 MB at 3 Mbit/s); an idle

@@ -96,7 +96,7 @@ class Progress:
 
 
 class SlideQueue:
-    def __init__(self, start_rate: float = 20.0, max_queued: int = 8, workers: int = 1, max_tiles: int = 256,
+    def __init__(self, start_rate: float = 20.0, max_queued: int = 32, workers: int = 1, max_tiles: int = 256,
                  after_each: Callable[[], None] | None = None):
         self.rate, self.max_queued, self.workers = float(start_rate), max_queued, workers
         self.expected = float(max_tiles)  # tiles a query's mosaic is expected to have, until planned
