@@ -26,7 +26,7 @@ def _open(record: SlideRecord):
     from histoseek.slides.reader import Slide
 
     try:
-        return Slide(record.file, record.slide_mpp)
+        return Slide(record.file, record.slide_mpp, name=record.slide)  # messages name the slide, not its file
     except HistoseekError as exc:
         # The message names a server path: say what happened without it.
         raise SlideUnavailable(f"slide {record.slide!r} cannot be read on the server now "
