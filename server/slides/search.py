@@ -31,6 +31,7 @@ from server.index.store import SlideRecord
 NEIGHBOURS = 64  # index tiles fetched per query tile (beyond the query's own slide)
 MAX_QUERY_TILES = 256  # a query's mosaic is cut down to this many tiles (evenly, by position order)
 MATCHES_SHOWN = 5  # tile pairs returned per result slide
+SEARCH_CHUNK = 16  # query tiles searched at once (see the search loop of search_plan)
 # Tiles read and embedded at once. Small, because a patch query that reaches Triton while a
 # mosaic batch runs waits for that batch, and because the request's stop (and the patch
 # searches it gives way to) are checked between batches. (Triton's request priorities were
@@ -222,7 +223,13 @@ class SlideSearch:
         vectors = np.concatenate(parts)
         check()
         marks.append(time.perf_counter())
-        hits = self.core.folder.search(vectors, self.neighbours, ItemFilter(exclude_groups=(own,)) if own else None)
+        # Searched a few query tiles at a time, checking between: fetching 64 neighbours' records
+        # for every tile is the one long stretch of Python in a slide search, and a patch search
+        # waiting for the interpreter meanwhile would wait for all of it.
+        not_own, hits = (ItemFilter(exclude_groups=(own,)) if own else None), []
+        for start in range(0, len(vectors), SEARCH_CHUNK):
+            check()
+            hits += self.core.folder.search(vectors[start:start + SEARCH_CHUNK], self.neighbours, not_own)
         scores = np.full((len(hits), self.neighbours), -np.inf, np.float32)
         codes = np.full((len(hits), self.neighbours), -1, np.int64)
         names: dict[str, int] = {}
