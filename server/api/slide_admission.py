@@ -20,8 +20,8 @@ planned, with its real count.
 
 otherwise the request is answered at once with 503 and Retry-After = the seconds until
 enough of the queue has drained for it to fit (at least 1). `rate` is tiles per second of
-one slide search's work (read, embed, search), an exponentially weighted mean of the
-finished slide searches (weight ALPHA for the newest), starting from a conservative
+one slide search's work (read, embed, search), an exponentially weighted mean over the
+slide searches that ran (weight ALPHA for the newest; a stopped one counts the tiles it did), starting from a conservative
 `start_rate` until the first has finished; it is the server's own measurement, so a GPU or
 a slower encoder changes it without a setting. A request whose client goes or whose
 deadline passes stops between batches of tiles (job.check), including before its turn.
@@ -194,17 +194,17 @@ class SlideQueue:
                 job.stop("client")  # cancelled: nobody waits for the answer (a no-op after a stop above)
 
     def _timed(self, progress: Progress, work: Callable[[Job, Progress], T], job: Job) -> T:
-        started, finished = time.monotonic(), False
+        started = time.monotonic()
         try:
-            result = work(job, progress)
-            finished = True
-            return result
+            return work(job, progress)
         finally:
             elapsed = time.monotonic() - started
             with self._lock:
                 self.release_locked(progress)
-                if finished and progress.tiles and elapsed > 0:
-                    measured = progress.tiles / elapsed
+                # Stopped work teaches the rate too, by the tiles it did: a first search that
+                # runs out of time must not leave the queue guessing.
+                if progress.done and elapsed > 0:
+                    measured = progress.done / elapsed
                     self.rate = measured if self.measured == 0 else ALPHA * measured + (1 - ALPHA) * self.rate
                     self.measured += 1
                 empty = not self.admitted
