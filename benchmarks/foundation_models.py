@@ -10,10 +10,13 @@ demo collection with no training step (export -> Triton -> index build -> served
 leave-one-out evaluation); its mMV@5 must equal the frozen row of demo_quality.md.
 
     python -m benchmarks.foundation_models [--models plip uni …] [--workdir runs/foundation]
+    # one more model, keeping the rows an earlier run measured:
+    python -m benchmarks.foundation_models --models uni2-h --keep benchmarks/results/foundation_models.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -72,14 +75,18 @@ def tiles_per_second(url: str, name: str, images: np.ndarray, seconds: float = 2
             "batch": len(images), "mean_ms": round(1000 * float(np.mean(times)), 1)}
 
 
-def run(names: list[str], workdir: Path, collection: Path) -> dict:
+def run(names: list[str], workdir: Path, collection: Path, keep: dict | None = None) -> dict:
+    """`keep`: an earlier report whose measured rows stand for the models not in `names`."""
+    kept = {r["model"]: r for r in (keep or {}).get("rows", []) if "triton" in r and r["model"] not in names}
     repo = workdir / "model_repository"
     rows = []
     for model in MODELS:
         row = {"model": model.name, "title": model.title, "params_m": round(model.params_m, 1),
                "gflops_per_tile": round(foundation_models.count_gflops(model), 2), "input_size": model.input_size,
                "embedding_dim": model.embedding_dim, "cpu_ok": model.cpu_ok}
-        if model.name in names:
+        if model.name in kept:
+            row = kept[model.name] | {"from_earlier_run": True}
+        elif model.name in names:
             started = time.perf_counter()
             ckpt = random_checkpoint(model.name, workdir / "checkpoints" / model.name)
             version = export_checkpoint(ckpt, repo, verify_data=collection, force=True)
@@ -106,7 +113,7 @@ def run(names: list[str], workdir: Path, collection: Path) -> dict:
                 batch = images if size == 224 else sample_images(collection, size, count=BATCH)
                 row["triton"] = tiles_per_second(url, row["model"], batch)
                 log.info("%s: %s", row["model"], row["triton"])
-        frozen = None
+        frozen = (keep or {}).get("frozen_lite0_loo")
         if "imagenet-lite0" in names:
             index = build_index("imagenet-lite0", collection, workdir / "index_lite0", index_type="flat",
                                 triton_url=url, protocol="grpc", batch=32)
@@ -156,10 +163,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/foundation_models"))
     parser.add_argument("--collection", type=Path, default=DEMO_COLLECTION)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--keep", type=Path, help="an earlier report (JSON): its measured rows stand for the "
+                                                  "models not in --models")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     read_dataset(args.collection)  # fails early on a wrong folder
-    report = run(args.models, args.workdir, args.collection)
+    keep = json.loads(args.keep.read_text()) if args.keep else None
+    report = run(args.models, args.workdir, args.collection, keep)
+    if keep:
+        report["earlier_run"] = keep.get("machine", {}).get("command")
     table = markdown(report)
     write_results(args.results / "foundation_models", report, table, lambda path: plot(report, path))
     print(table)
