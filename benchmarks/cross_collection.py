@@ -6,7 +6,7 @@ The 32 CRC-VAL-HE-7K tiles of `../shared/data` (Kather et al. 2018: another lab,
 scanner, other cuts) query the demo collection (Kather et al. 2016), their labels said in its
 vocabulary by `configs/label_maps/crc-val-he-7k_to_kather2016.csv`. Every encoder is trained
 as the quickstart trains it (its `cpu` preset, on the demo collection, for the same
-minutes; a checkpoint already in --workdir is reused), beside the colour histogram and the
+minutes and at least as many steps; a checkpoint already in --workdir is reused), beside the colour histogram and the
 frozen ImageNet backbone. Each row twice: the queries as they are, and Macenko-normalised
 to the stain of the collection's most typical tile (the one whose mean optical density is
 nearest the collection's median). Writes `cross_collection.json`, `.md` and `.png`.
@@ -30,7 +30,7 @@ from training import checkpoint
 from training.data.tiling import StainNormalizer
 from training.encoders.registry import get_encoder, list_encoders
 from training.evaluate import evaluate_backbone
-from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS
+from training.recipes import DEMO_COLLECTION, QUICKSTART_EPOCHS, QUICKSTART_MIN_STEPS, QUICKSTART_MINUTES
 from training.train import TrainConfig, train
 
 log = logging.getLogger("benchmarks.cross_collection")
@@ -96,7 +96,8 @@ def main() -> None:
                         default=ROOT / "configs" / "label_maps" / "crc-val-he-7k_to_kather2016.csv")
     parser.add_argument("--encoders", nargs="*", help="default: every registered fine-tuning encoder; the flag "
                         "alone: only the colour and frozen rows")
-    parser.add_argument("--train-minutes", type=float, default=2.0)
+    parser.add_argument("--train-minutes", type=float, default=QUICKSTART_MINUTES)
+    parser.add_argument("--min-steps", type=int, default=QUICKSTART_MIN_STEPS)
     parser.add_argument("--workdir", type=Path, default=Path("runs/cross_collection"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -122,7 +123,7 @@ def main() -> None:
         out = args.workdir / name
         if not (out / checkpoint.WEIGHTS).is_file():
             train(TrainConfig(encoder=name, data=str(args.database), out=str(out), epochs=QUICKSTART_EPOCHS,
-                              max_minutes=args.train_minutes, fresh=True))
+                              max_minutes=args.train_minutes, min_steps=args.min_steps, fresh=True))
         config = checkpoint.read_config(out)
         rows.append({"model": f"{name} ({config['minutes']:.1f} min, {config['steps']} steps)",
                      **scored(*checkpoint.load_backbone(out))})

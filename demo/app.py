@@ -97,10 +97,18 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                 gr.CheckboxGroup(choices=choices, value=[i for i in ids if i in marks["not_relevant"]]), marks)
 
     def failed(message: str, marks: dict) -> tuple:
-        return [], "", "", message, gr.CheckboxGroup(), gr.CheckboxGroup(), marks
+        return [], "", "", message, *unmarked(marks)
+
+    def unmarked(marks: dict) -> tuple:
+        """Empty mark lists (nothing on screen to mark) and `marks`."""
+        return gr.CheckboxGroup(choices=[], value=[]), gr.CheckboxGroup(choices=[], value=[]), marks
+
+    def forget_marks():
+        # Marks hold item ids of one index for one query: another image or index starts afresh.
+        return unmarked({"relevant": [], "not_relevant": [], "shown": [], "index": None})
 
     def search(image: Image.Image | None, index: str | None, k: float, labels: list[str] | None = None):
-        fresh = {"relevant": [], "not_relevant": [], "shown": []}  # a new search forgets earlier marks
+        fresh = {"relevant": [], "not_relevant": [], "shown": [], "index": index}  # a new search forgets marks
         if image is None:
             return failed(_error("Upload an image or pick an example first."), fresh)
         try:
@@ -111,6 +119,7 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                 index = names[0]
             answer = client.search(image, index, int(k), labels=labels or None)
             among = f" labelled {', '.join(labels)}" if labels else ""
+            fresh["index"] = index
             return shown(answer, index, f"{len(answer['results'])} results{among} from index `{index}`.", fresh)
         except ApiError as exc:
             return failed(_error(str(exc), "Search failed"), fresh)
@@ -126,7 +135,7 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
         relevant = sorted((set(marks.get("relevant", [])) - on_screen) | set(liked or []))
         not_relevant = sorted((set(marks.get("not_relevant", [])) - on_screen) | set(unliked or []))
         keep = {**marks, "relevant": relevant, "not_relevant": not_relevant}
-        if image is None or not index:
+        if image is None or not index or marks.get("index") != index:
             return failed(_error("Search first, then mark results and search again."), keep)
         if not relevant and not not_relevant:
             return failed(_error("Tick results under “Like these” or “Not like these” first."), keep)
@@ -167,7 +176,7 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
                             liked = gr.CheckboxGroup(label="Like these", choices=[], elem_id="mark-relevant")
                             unliked = gr.CheckboxGroup(label="Not like these", choices=[], elem_id="mark-not-relevant")
                         again = gr.Button("Search again with these marks", elem_id="refine-button")
-                        marks = gr.State({"relevant": [], "not_relevant": [], "shown": []})
+                        marks = gr.State({"relevant": [], "not_relevant": [], "shown": [], "index": None})
                         timings = gr.Markdown(elem_id="timings")
             with gr.Tab("Slides", id="slides", elem_id="slides-tab"):
                 load_slides, slide_outputs = build_slides_tab(client)
@@ -183,6 +192,8 @@ def build_demo(api_url: str, api_key: str | None = None) -> gr.Blocks:
         results = [gallery, vote, timings, status, liked, unliked, marks]
         button.click(search, inputs=[image, index, k, labels], outputs=results)
         again.click(refine, inputs=[image, index, k, labels, liked, unliked, marks], outputs=results)
+        image.change(forget_marks, outputs=[liked, unliked, marks])
+        index.change(forget_marks, outputs=[liked, unliked, marks])
     return blocks
 
 

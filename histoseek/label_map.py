@@ -22,7 +22,7 @@ MAX_ROWS = 10_000  # a label map is a vocabulary, not data
 def read_label_map(path: Path) -> dict[str, str]:
     """query label -> database label, from a CSV with header `query_label,database_label`."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"query_label", "database_label"} <= set(reader.fieldnames):
                 raise HistoseekError(f"label map {path} needs a header row `query_label,database_label`")

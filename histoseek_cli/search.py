@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = search.add_parser("text", help="the items of an index nearest a text (encoders with a text tower: clip, "
                                        "conch, plip, quiltnet), optionally filtered")
-    p.add_argument("text", help="what to find, e.g. 'a histopathology image of tubular adenoma'")
+    p.add_argument("text", help="what to find, e.g. 'a histopathology image of tubular adenoma' (put it "
+                                "before list options such as --label, which take every word after them)")
     p.add_argument("--index", type=Path, required=True)
     p.add_argument("-k", type=int, default=10)
     _filter_arguments(p)

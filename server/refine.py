@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from histoseek.errors import HistoseekError
+from server.index.fields import MAX_ID
 
 # A small grid on crc5-dev (frozen Lite0 features, the correct results among the first 10
 # marked relevant, the rest not): P@5 0.588 before; (1, 0.75, 0.15) 0.828, (1, 1, 0.5) 0.896,
@@ -45,6 +46,9 @@ def check_marks(relevant: list[int], not_relevant: list[int]) -> None:
     for name, ids in (("relevant", relevant), ("not_relevant", not_relevant)):
         if len(ids) > MAX_MARKED:
             raise BadMarks(f"at most {MAX_MARKED} items may be marked {name}, got {len(ids)}")
+    outside = sorted(i for i in {*relevant, *not_relevant} if not 0 <= i <= MAX_ID)
+    if outside:
+        raise BadMarks(f"item ids are whole numbers from 0 to {MAX_ID}, got {outside[:5]}")
     both = sorted(set(relevant) & set(not_relevant))
     if both:
         raise BadMarks(f"items {both} are marked both relevant and not relevant")

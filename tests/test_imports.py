@@ -18,7 +18,7 @@ PACKAGES = ["histoseek", "training", "export", "server", "demo", "benchmarks", "
 SERVER_CLIENT = {"server.triton", "server.embedder"}
 SERVER_ROOMS = ["server.index", "server.slides", "server.api"]
 TORCH_FREE = ("histoseek", "server", "demo")
-TORCH = {"torch", "torchvision", "timm", "lightly", "open_clip", "pytorch_metric_learning"}
+TORCH = {"torch", "torchvision", "timm", "lightly", "open_clip", "pytorch_metric_learning", "transformers"}
 
 
 def _modules() -> dict[str, Path]:

@@ -35,5 +35,5 @@ def test_the_readme_has_commands_to_check():
 def test_readme_command_parses(command, capsys):
     try:
         build_parser().parse_args(shlex.split(command)[1:])
-    except SystemExit as exc:
+    except SystemExit:
         pytest.fail(f"`{command}` is refused by the command line: {capsys.readouterr().err.strip()}")

@@ -143,8 +143,8 @@ def _announce(step: int, seconds_per_step: float, total_steps: int, budget_s: fl
         log.info("%.1f s a step here: the %.1f-min budget gives about %d steps", seconds_per_step, budget_s / 60,
                  min(total_steps, int(budget_s / seconds_per_step)))
     else:
-        log.info("%.1f s a step here: %d steps take about %.1f min", seconds_per_step, total_steps,
-                 (total_steps - step) * seconds_per_step / 60)
+        log.info("%.1f s a step here: the remaining %d of %d steps take about %.1f min", seconds_per_step,
+                 total_steps - step, total_steps, (total_steps - step) * seconds_per_step / 60)
 
 
 def _require_labels(name: str, data: str, dataset: Dataset) -> None:
@@ -194,6 +194,10 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
     steps_per_epoch = len(dataset) // batch_size  # drop_last: losses need full batches
     if cfg.steps is not None and cfg.steps < 1 or cfg.min_steps is not None and cfg.min_steps < 1:
         raise HistoseekError("--steps and --min-steps must be at least 1")
+    if cfg.steps and cfg.epochs:
+        raise HistoseekError("give the budget as --steps or as --epochs, not both")
+    if cfg.min_steps and not cfg.max_minutes:
+        raise HistoseekError("--min-steps bounds a time budget: give --max-minutes too (or --steps alone)")
     total_steps = cfg.steps or (cfg.epochs or preset.epochs) * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     if cfg.min_steps and cfg.min_steps > total_steps:

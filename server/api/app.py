@@ -322,8 +322,8 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
         if not 1 <= k <= svc.settings.max_k:
             raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
         relevant, not_relevant = relevant or [], not_relevant or []
-        check_marks(relevant, not_relevant)
         core = svc.core(index)
+        check_marks(relevant, not_relevant)
         outcome = await svc.decode_and(request, core, image, lambda data, name, job: core.refine(
             data, k, relevant, not_relevant, name=name, check=job.check, where=where))
         return _search_response(app, core.folder.name, k, where, outcome)

@@ -352,8 +352,9 @@ def embed_batches(paths: list[Path], model: ModelSource, *, batch: int, skip: se
             raise HistoseekError(f"{workers} embedding actors and as many decoding actors take "
                                  f"{workers * (_ACTOR_CPUS + _DECODE_CPUS):g} CPUs, more than the Ray cluster's "
                                  f"{cpus:g}; ask for fewer with --ray-workers, or add nodes")
-        # Decoding scales up with the queue into the CPUs the embedding actors leave free.
-        decoders = max(workers, int((cpus - workers * _ACTOR_CPUS) // _DECODE_CPUS))
+        # Decoding scales up with the queue into the CPUs the embedding actors leave free, less
+        # as much again, so that a killed embedding actor always finds room to restart.
+        decoders = max(workers, int((cpus - 2 * workers * _ACTOR_CPUS) // _DECODE_CPUS))
         log.info("embedding %d batches (%d tiles; %d saved already) on Ray with %d %s actors on %d nodes",
                  len(todo), sum(sizes.values()), len(skip), workers, engine, len(nodes),
                  extra={"ray_batches": len(todo), "ray_saved": len(skip)})

@@ -1,8 +1,8 @@
 """The interface every vector backend implements.
 
 An index folder = manifest.json + items.sqlite (the item rows and thumbnails: the truth
-about which items exist) + a backend holding one vector per item id. The folder (server/
-index.py) orders the writes so that a crash leaves at worst vectors without a row, never
+about which items exist) + a backend holding one vector per item id. The folder (server/index/
+folder.py) orders the writes so that a crash leaves at worst vectors without a row, never
 a row without its vector: vectors are added before rows and removed after them, under the
 folder's write lock. A backend therefore must tolerate, and on `repair` remove, vectors
 whose ids have no row.

@@ -75,7 +75,6 @@ class _Snapshot:
     file_id: tuple
     code_bytes: int
     held: np.ndarray | None = None  # ids with a vector, sorted; read on first need
-    direct_map_lock: threading.Lock = field(default_factory=threading.Lock)
     rows: tuple = ((), -1)  # (store signature, its row count)
     # (store signature, filter) -> (allowed ids with a vector, their selector); API threads share it
     allowed: dict = field(default_factory=dict)
@@ -87,16 +86,34 @@ class _Snapshot:
         return self.held
 
     def reconstruct(self, ids: Sequence[int]) -> np.ndarray:
-        if not isinstance(self.cpu, faiss.IndexIDMap2):
-            with self.direct_map_lock:  # inverted lists find an id through a hash table, made once
-                ivf = faiss.extract_index_ivf(self.cpu)
-                if ivf.direct_map.type != faiss.DirectMap.Hashtable:
-                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        """The stored vectors of `ids` (decoded codes for the PQ types), in that order."""
         wanted = np.asarray(ids, np.int64)
         missing = wanted[~np.isin(wanted, self.held_ids())]
         if missing.size:
             raise KeyError(missing.tolist())
-        return np.stack([self.cpu.reconstruct(int(i)) for i in wanted]).astype(np.float32).reshape(len(wanted), -1)
+        if isinstance(self.cpu, faiss.IndexIDMap2):
+            rows = [self.cpu.reconstruct(int(i)) for i in wanted]
+        else:
+            rows = _reconstruct_from_lists(faiss.extract_index_ivf(self.cpu), wanted)
+        return np.asarray(rows, np.float32).reshape(len(wanted), self.cpu.d)
+
+
+def _reconstruct_from_lists(ivf: faiss.IndexIVF, wanted: np.ndarray) -> list[np.ndarray]:
+    """Vectors of an IVF index by id, found by scanning its inverted lists' ids. Faiss's own
+    lookup needs a direct map, which would change the shared index (and be saved with its
+    next edit, about 16 bytes an item): a scan costs time instead, linear in the items,
+    for the few ids a refinement names."""
+    invlists, found = ivf.invlists, {}
+    for list_no in range(invlists.nlist):
+        size = invlists.list_size(list_no)
+        if not size:
+            continue
+        ids = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+        for offset in np.flatnonzero(np.isin(ids, wanted)):
+            vector = np.empty(ivf.d, np.float32)
+            ivf.reconstruct_from_offset(list_no, int(offset), faiss.swig_ptr(vector))
+            found[int(ids[offset])] = vector
+    return [found[int(i)] for i in wanted]
 
 
 class FaissBackend(VectorBackend):

@@ -18,7 +18,7 @@ its first build, kept by its rebuilds) in the collection's properties, so that:
   build. A copied index folder therefore shares its collection with the original: rebuild
   the copy (with its own name) rather than copy it.
 
-Searches apply filters inside Milvus as boolean expressions on the scalar fields (server/
+Searches apply filters inside Milvus as boolean expressions on the scalar fields (server/index/
 filters.py `milvus_expression`). Approximate indexes can come back short of k when a filter
 admits few items: the graph or the probed lists reach too few of them. Such queries are
 searched again, deeper (every IVF list; a beam as wide as the collection, up to Milvus's

@@ -94,3 +94,8 @@ def test_the_command_line_refines_as_the_api_does(client, synth_data, indexes_di
           "--relevant", "1", "4", "--not-relevant", "20", "--triton-url", triton_server.grpc_url, "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in printed["results"]] == [r["id"] for r in api["results"]]
+
+
+def test_ids_beyond_the_store_range_are_422_not_500(client, synth_data):
+    assert_json_error(_refine(client, synth_data, relevant=[2**63]), 422, "whole numbers from 0 to")
+    assert_json_error(_refine(client, synth_data, not_relevant=[-1]), 422, "whole numbers from 0 to")
