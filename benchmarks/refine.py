@@ -6,7 +6,8 @@ Through the served path: the checkpoint is exported, served by Triton, `data/tra
 and `histoseek serve` started. Every `data/test` tile is searched (`/v1/search`, k=10); the
 correct results among the ten are marked relevant and the others not (the simulated
 feedback of the issue), and the same tile is sent to `/v1/search/refine` with those marks.
-P@5 and mMV@5 before and after. The colour histogram and the frozen ImageNet backbone get
+P@5 and mMV@5 before and after, and P@5 of the refined ranking without the results
+already shown (what the round finds that is new). The colour histogram and the frozen ImageNet backbone get
 the same round offline (server/refine.py's update on their vectors, exact search). Writes
 `refine.json`, `.md` and `.png` under --results.
 """
@@ -47,6 +48,11 @@ def _scores(query_label: str, labels: list[str]) -> tuple[float, float]:
     return sum(label == query_label for label in top) / K, float(majority_label(top)[0] == query_label)
 
 
+def _unseen(ids: list[int], labels: list[str], marked: set[int]) -> list[str]:
+    """The labels of a ranking without the items the user had already marked: what is new."""
+    return [label for i, label in zip(ids, labels) if i not in marked]
+
+
 def _marks(query_label: str, ids: list[int], labels: list[str]) -> tuple[list[int], list[int]]:
     relevant = [i for i, label in zip(ids, labels) if label == query_label]
     return relevant, [i for i, label in zip(ids, labels) if label != query_label]
@@ -54,7 +60,7 @@ def _marks(query_label: str, ids: list[int], labels: list[str]) -> tuple[list[in
 
 def served_round(url: str, index: str, queries: Dataset) -> dict:
     """Search, mark, refine for every query through the API; mean scores before and after."""
-    before, after = [], []
+    before, after, new = [], [], []
     with httpx.Client(base_url=url, timeout=60) as http:
         for item in tqdm(queries.items, desc="search + refine", unit="query"):
             files = {"image": (Path(item.path).name, queries.absolute(item).read_bytes())}
@@ -64,41 +70,48 @@ def served_round(url: str, index: str, queries: Dataset) -> dict:
             ids, labels = [r["id"] for r in results], [r["label"] for r in results]
             relevant, not_relevant = _marks(item.label, ids, labels)
             refined = http.post("/v1/search/refine", files=files, data={
-                "index": index, "k": str(SHOWN), "relevant": [str(i) for i in relevant],
+                "index": index, "k": str(2 * SHOWN), "relevant": [str(i) for i in relevant],
                 "not_relevant": [str(i) for i in not_relevant]})
             refined.raise_for_status()
+            second = refined.json()["results"]
             before.append(_scores(item.label, labels))
-            after.append(_scores(item.label, [r["label"] for r in refined.json()["results"]]))
-    return _summary(before, after)
+            after.append(_scores(item.label, [r["label"] for r in second]))
+            new.append(_scores(item.label, _unseen([r["id"] for r in second], [r["label"] for r in second],
+                                                   set(ids)))[0])
+    return _summary(before, after, new)
 
 
 def offline_round(database: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, q_labels: list[str]) -> dict:
     """The same round on vectors: exact inner-product search, server/refine.py's update."""
-    before, after = [], []
+    before, after, new = [], [], []
     for vector, label in zip(queries, q_labels):
         first = np.argsort(-(database @ vector), kind="stable")[:SHOWN]
         relevant, not_relevant = _marks(label, first.tolist(), db_labels[first].tolist())
         moved = refined_query(vector, database[relevant], database[not_relevant])
-        second = np.argsort(-(database @ moved), kind="stable")[:SHOWN]
+        second = np.argsort(-(database @ moved), kind="stable")[:2 * SHOWN]
         before.append(_scores(label, db_labels[first].tolist()))
-        after.append(_scores(label, db_labels[second].tolist()))
-    return _summary(before, after)
+        after.append(_scores(label, db_labels[second[:SHOWN]].tolist()))
+        new.append(_scores(label, _unseen(second.tolist(), db_labels[second].tolist(), set(first.tolist())))[0])
+    return _summary(before, after, new)
 
 
-def _summary(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> dict:
+def _summary(before: list[tuple[float, float]], after: list[tuple[float, float]], new: list[float]) -> dict:
     b, a = np.asarray(before), np.asarray(after)
     return {"queries": len(b), "p5_before": round(float(b[:, 0].mean()), 4), "p5_after": round(float(a[:, 0].mean()), 4),
-            "mmv5_before": round(float(b[:, 1].mean()), 4), "mmv5_after": round(float(a[:, 1].mean()), 4)}
+            "mmv5_before": round(float(b[:, 1].mean()), 4), "mmv5_after": round(float(a[:, 1].mean()), 4),
+            "p5_unseen_after": round(float(np.mean(new)), 4)}
 
 
 def markdown(report: dict) -> str:
     lines = [f"One round of simulated feedback on {report['data']} (test queried against train; the correct "
              f"results among the first {SHOWN} marked relevant, the others not; Rocchio α={ALPHA}, β={BETA}, "
              f"γ={GAMMA}).", "",
-             "| model | path | P@5 before | P@5 after | lift | mMV@5 before | mMV@5 after |", "|---|---|---|---|---|---|---|"]
+             "| model | path | P@5 before | P@5 after | lift | P@5 of results not shown before | mMV@5 before | "
+             "mMV@5 after |", "|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['model']} | {row['path']} | {row['p5_before']:.3f} | {row['p5_after']:.3f} | "
-                     f"{row['p5_after'] - row['p5_before']:+.3f} | {row['mmv5_before']:.3f} | {row['mmv5_after']:.3f} |")
+                     f"{row['p5_after'] - row['p5_before']:+.3f} | {row['p5_unseen_after']:.3f} | "
+                     f"{row['mmv5_before']:.3f} | {row['mmv5_after']:.3f} |")
     return "\n".join(lines)
 
 
