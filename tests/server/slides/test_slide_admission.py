@@ -225,14 +225,12 @@ def test_a_burst_of_slide_uploads_is_served_or_refused_at_once(slide_index, quer
             in_flight += probe.between(min(a.ended for a in served), max(a.ended for a in served))
         assert settled - start_rss <= 100, (start_rss, rss.peak, settled)
         # Interactive first: patch searches are never queued behind mosaics (before issue 22
-        # they took 100x their idle time). The goal is p99 within 3x of idle; on 2 shared cores
-        # the slide worker's own Python (ranking 128 x 64 neighbours) still holds the
-        # interpreter in chunks of tens of ms, and ~4x is measured: bounded here at 6x, the
-        # median at 3x.
+        # they took 100x their idle time): p50 and p99 within 3x of idle (measured with the
+        # same probe process).
         report = {"idle_p50": p(idle, 50), "idle_p99": p(idle, 99), "in_flight_p50": p(in_flight, 50),
                   "in_flight_p99": p(in_flight, 99), "in_flight": len(in_flight)}
         assert len(in_flight) >= 20, report
-        assert p(in_flight, 50) <= 3 * p(idle, 50) and p(in_flight, 99) <= 6 * p(idle, 99), report
+        assert p(in_flight, 50) <= 3 * p(idle, 50) and p(in_flight, 99) <= 3 * p(idle, 99), report
     finally:
         process.terminate()
         process.wait(10)
