@@ -53,7 +53,8 @@ def meta_network(name: str) -> torch.nn.Module:
 
 
 def test_pretrained_encoders_sit_in_the_registry_apart_from_the_trained_ones():
-    assert [e.name for e in list_pretrained()] == NAMES
+    # In table order; tests elsewhere in the session may have registered variants after them.
+    assert [e.name for e in list_pretrained()][:len(NAMES)] == NAMES
     assert not {e.name for e in list_encoders()} & set(NAMES)
     for name in NAMES:
         encoder = get_encoder(name)
