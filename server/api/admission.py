@@ -35,6 +35,21 @@ class OverBudget(HistoseekError):
     """One request alone would need more than the whole decode budget (413)."""
 
 
+async def watched(future: asyncio.Future, job: Job, gone: Callable[[], Awaitable[bool]]):
+    """`future`'s result, unless the job's deadline passes or its client goes first: then the
+    job is told to stop (its worker sees it at its next check) and Stopped is raised."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return future.result()
+        if time.monotonic() > job.deadline:
+            job.stop("time")
+            raise Stopped(job.message())
+        if await gone():
+            job.stop("client")
+            raise Stopped(job.message())
+
+
 class Admission:
     def __init__(self, budget_bytes: int, timeout_s: float, wait_s: float, workers: int):
         self.budget, self.timeout_s, self.wait_s = budget_bytes, timeout_s, wait_s
@@ -61,16 +76,7 @@ class Admission:
         future = loop.run_in_executor(self.pool, work, job)
         # Released when the worker returns, not when the request does: until then the memory is in use.
         future.add_done_callback(lambda done: self._finished(done, cost))
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=0.1)
-            if done:
-                return future.result()
-            if time.monotonic() > job.deadline:
-                job.stop("time")
-                raise Stopped(job.message())
-            if await gone():
-                job.stop("client")
-                raise Stopped(job.message())
+        return await watched(future, job, gone)
 
     def _changed(self) -> asyncio.Condition:
         # One per event loop: asyncio primitives belong to the loop they first wait on, and

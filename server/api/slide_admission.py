@@ -37,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable, TypeVar
 
 from histoseek.errors import HistoseekError
-from server.job import Job, Stopped
+from server.api.admission import watched
+from server.job import Job
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,16 +180,7 @@ class SlideQueue:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.pool, self._timed, progress, work, job)
         try:
-            while True:
-                done, _ = await asyncio.wait({future}, timeout=0.1)
-                if done:
-                    return future.result()
-                if time.monotonic() > job.deadline:
-                    job.stop("time")
-                    raise Stopped(job.message())
-                if await gone():
-                    job.stop("client")
-                    raise Stopped(job.message())
+            return await watched(future, job, gone)
         finally:
             if not future.done():
                 job.stop("client")  # cancelled: nobody waits for the answer (a no-op after a stop above)
