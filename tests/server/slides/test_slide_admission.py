@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -96,7 +97,10 @@ def test_rate_is_learnt_from_finished_work_and_stopped_work_reads_nothing():
         with pytest.raises(Exception, match="went away"):
             await queue.run(place, work, stopped, never_gone)
 
-    asyncio.run(scenario())
+    # A thread of its own: the browser tests' Playwright (sync API) keeps an event loop running
+    # in the main thread for the rest of the session, where asyncio.run would refuse to start.
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, scenario()).result()
     assert seen == [10, 20, 30, 40]  # the stopped one never advanced
     # 40 tiles in ~0.04 s: far above the start of 5 tiles/s, learnt from one search.
     assert queue.snapshot()["measured"] == 1 and queue.rate > 100
