@@ -23,7 +23,7 @@ from PIL import Image
 from benchmarks.colour_histogram import colour_histogram_metrics
 from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.machine import project_relative
-from benchmarks.results_files import figure, write_results
+from benchmarks.results_files import paired_bars, write_results
 from histoseek.dataset import Dataset, read_dataset
 from histoseek.label_map import read_label_map, relabel
 from training import checkpoint
@@ -77,15 +77,10 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
-    with figure(path, 1, 1, dpi=120, figsize=(8, 3.8)) as ax:
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["metrics"]["mMV@5"] for r in rows], 0.4, label="queries as they are")
-        ax.bar(x + 0.2, [r["metrics_stain_normalised"]["mMV@5"] for r in rows], 0.4, label="stain-normalised")
-        ax.set_xticks(x, [r["model"].split(" (")[0] for r in rows], fontsize=7, rotation=30, ha="right")
-        ax.set_ylabel("mMV@5")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_title("CRC-VAL-HE-7K tiles against the demo collection")
+    paired_bars(path, [r["model"].split(" (")[0] for r in rows],
+                ("queries as they are", [r["metrics"]["mMV@5"] for r in rows]),
+                ("stain-normalised", [r["metrics_stain_normalised"]["mMV@5"] for r in rows]),
+                "mMV@5", "CRC-VAL-HE-7K tiles against the demo collection")
 
 
 def main() -> None:

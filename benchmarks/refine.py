@@ -26,7 +26,7 @@ from benchmarks.bench_search import serve_indexes
 from benchmarks.colour_histogram import histogram_embedding
 from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.machine import project_relative
-from benchmarks.results_files import figure, write_results
+from benchmarks.results_files import paired_bars, write_results
 from benchmarks.served_models import running_triton
 from export.export_checkpoint import export_checkpoint
 from histoseek.dataset import Dataset, read_dataset
@@ -117,15 +117,9 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
-    with figure(path, 1, 1, dpi=120, figsize=(7, 3.5)) as ax:
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r["p5_before"] for r in rows], 0.4, label="first search")
-        ax.bar(x + 0.2, [r["p5_after"] for r in rows], 0.4, label="after one round of marks")
-        ax.set_xticks(x, [r["model"] for r in rows], fontsize=8)
-        ax.set_ylabel("P@5")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right")
-        ax.set_title("Refining a search (crc5-dev, test vs train)")
+    paired_bars(path, [r["model"] for r in rows], ("first search", [r["p5_before"] for r in rows]),
+                ("after one round of marks", [r["p5_after"] for r in rows]), "P@5",
+                "Refining a search (crc5-dev, test vs train)")
 
 
 def main() -> None:

@@ -24,6 +24,22 @@ def machine_line(stamp: dict) -> str:
             f"GPU: {stamp['gpu'] or 'none'}; Python {stamp['python']}; {versions}. Command: `{stamp['command']}`")
 
 
+def paired_bars(path: Path, names: list[str], first: tuple[str, list[float]], second: tuple[str, list[float]],
+                ylabel: str, title: str) -> None:
+    """One bar pair per row (e.g. before / after), scores on a 0-1 axis, saved to `path`."""
+    import numpy as np
+
+    with figure(path, 1, 1, dpi=120, figsize=(8, 3.8)) as ax:
+        x = np.arange(len(names))
+        for offset, (label, values) in ((-0.2, first), (0.2, second)):
+            ax.bar(x + offset, values, 0.4, label=label)
+        ax.set_xticks(x, names, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(title)
+
+
 @contextmanager
 def figure(path: Path, *grid: int, dpi: int, **kwargs) -> Iterator:
     """`plt.subplots(*grid, **kwargs)`'s axes, drawn off-screen; saved to `path` at `dpi` on
