@@ -206,6 +206,13 @@ class Service:
 
         return await self.admission.run(cost, run, request.is_disconnected)
 
+    def results_wanted(self, k: int | None, default: int | None = None) -> int:
+        """A request's k (its default when not given), refused with 422 outside 1..--max-k."""
+        k = (self.settings.default_k if default is None else default) if k is None else k
+        if not 1 <= k <= self.settings.max_k:
+            raise ApiError(422, f"k must be between 1 and {self.settings.max_k}, got {k}")
+        return k
+
     def readiness(self) -> dict[str, str]:
         """Problems by part ('index <name>' or 'indexes'); empty when everything is ready."""
         problems = {f"index {name}": error for name, error in self.load_errors.items()}
@@ -302,9 +309,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
     async def search(request: Request, image: UploadFile = File(...), index: str | None = Form(None),
                      k: int | None = Form(None), where: ItemFilter | None = Depends(_search_filter),
                      svc: Service = Depends(_service)) -> SearchResponse:
-        k = svc.settings.default_k if k is None else k
-        if not 1 <= k <= svc.settings.max_k:
-            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        k = svc.results_wanted(k)
         core = svc.core(index)
         outcome = await svc.decode_and(request, core, image, lambda data, name, job: core.search(
             data, k, name=name, check=job.check, where=where))
@@ -318,9 +323,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
                      svc: Service = Depends(_service)) -> SearchResponse:
         """The query image again, with the ids of results the user marked (repeatable fields
         `relevant=12&relevant=40&not_relevant=7`); stateless: nothing is kept between rounds."""
-        k = svc.settings.default_k if k is None else k
-        if not 1 <= k <= svc.settings.max_k:
-            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        k = svc.results_wanted(k)
         relevant, not_relevant = relevant or [], not_relevant or []
         core = svc.core(index)
         check_marks(relevant, not_relevant)
@@ -335,9 +338,7 @@ def create_app(indexes_dir: Path, triton_url: str, protocol: str = "grpc", setti
               response_model_exclude_none=True)
     def search_text(text: str | None = Form(None), index: str | None = Form(None), k: int | None = Form(None),
                     where: ItemFilter | None = Depends(_search_filter), svc: Service = Depends(_service)) -> SearchResponse:
-        k = svc.settings.default_k if k is None else k
-        if not 1 <= k <= svc.settings.max_k:
-            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        k = svc.results_wanted(k)
         core = svc.core(index)
         try:
             outcome = texts.search(core, text, k, where)
@@ -424,9 +425,7 @@ def _slide_routes(app: FastAPI, service: Service) -> None:
     async def search_slides(request: Request, slide_id: str | None = Form(None), slide: UploadFile | None = File(None),
                             index: str | None = Form(None), k: int | None = Form(None),
                             svc: Service = Depends(_service)) -> dict:
-        k = 5 if k is None else k
-        if not 1 <= k <= svc.settings.max_k:
-            raise ApiError(422, f"k must be between 1 and {svc.settings.max_k}, got {k}")
+        k = svc.results_wanted(k, default=5)
         if (slide_id is None) == (slide is None):
             raise ApiError(422, "give either the form field `slide_id` (a slide of the index) or a slide file "
                                 "in the field `slide`")
