@@ -51,6 +51,12 @@ def _embedding_actors(cluster: Cluster) -> dict[int, str]:
     return {pid: args for pid, args in descendants([n.pid for n in cluster.nodes]).items() if EMBED_ACTOR in args}
 
 
+def _nodes_with_embedding_actors(cluster: Cluster) -> set[int]:
+    """Which of the cluster's nodes (by position) run an embedding actor now."""
+    return {i for i, node in enumerate(cluster.nodes)
+            if any(EMBED_ACTOR in args for args in descendants([node.pid]).values())}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Cluster:
     """Two Ray nodes with one CPU each on this machine, on free ports (two clusters of
@@ -221,12 +227,6 @@ def test_ray_options_need_ray(tmp_path, synth_data):
 # -- on the two-node cluster ----------------------------------------------------------------
 
 @pytest.mark.slow
-def _nodes_with_embedding_actors(cluster: Cluster) -> set[int]:
-    """Which of the cluster's nodes (by position) run an embedding actor now."""
-    return {i for i, node in enumerate(cluster.nodes)
-            if any(EMBED_ACTOR in args for args in descendants([node.pid]).values())}
-
-
 def test_cluster_build_equals_single_process(tmp_path, synth_data, triton_server, ray_cluster, caplog):
     caplog.set_level(logging.INFO, logger="server.index.ray_embedding")
     single = build_index("tiny", synth_data, tmp_path / "single", triton_url=triton_server.grpc_url, batch=2)
