@@ -37,6 +37,7 @@ from histoseek.errors import HistoseekError
 from histoseek.imaging import load_image
 from training import checkpoint, finetune, pretrained
 from training.encoders.registry import get_encoder
+from training.evaluate import embed_dataset
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def schedule_progress(step: int, total_steps: int, elapsed_s: float, budget_s: f
     return min(1.0, max(done, by_clock))
 
 
-ESTIMATE_AFTER_STEPS = 3  # the first step also warms up data loading: the estimate waits for a few
+ESTIMATE_AFTER_STEPS = 3  # the first step also warms up data loading: the estimate waits for a few steps
+DESCRIPTOR_SAMPLE = 16_384
 
 
 def _announce(step: int, seconds_per_step: float, total_steps: int, budget_s: float | None,
@@ -176,6 +178,15 @@ def _probe_spread(method: torch.nn.Module, spec, probe: torch.Tensor, preset) ->
     spread = collapse.similarity_spread(model(probe).numpy())
     finetune.train_mode(method, preset)
     return spread
+
+
+def _descriptor_sample(dataset: Dataset, seed: int) -> Dataset:
+    """At most DESCRIPTOR_SAMPLE of the training tiles, for fits after training: enough for
+    256 centroids per sub-space (FAISS samples 256 points per centroid itself), bounded on
+    a large collection."""
+    if len(dataset) <= DESCRIPTOR_SAMPLE:
+        return dataset
+    return Dataset(dataset.root, random.Random(seed).sample(dataset.items, DESCRIPTOR_SAMPLE))
 
 
 def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Path:
@@ -303,6 +314,9 @@ def train(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> Pat
         log.warning("interrupted at step %d: state saved, rerun the same command to resume", step)
         raise
 
+    method.after_training(lambda: embed_dataset(ContractModel(method.backbone, spec).eval(),
+                                                _descriptor_sample(dataset, cfg.seed), spec.input_size,
+                                                workers=cfg.workers))
     minutes = (time.monotonic() - started) / 60
     config = {
         "train": asdict(cfg), "preset": asdict(preset), "steps": step, "epochs_planned": epochs,

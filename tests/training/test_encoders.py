@@ -72,6 +72,35 @@ def test_dino_teacher_follows_student_by_momentum():
         assert torch.allclose(new, m * old + (1 - m) * student, atol=1e-6)
 
 
+def test_spq_fits_its_codebooks_to_the_training_descriptors_after_the_last_step():
+    import faiss
+    import numpy as np
+
+    encoder = get_encoder("spq")
+    preset = encoder.preset("cpu")
+    backbone = encoder.build_backbone(preset)
+    method = encoder.build_method(backbone, preset, ())
+    m, k, d = backbone.codebooks.shape
+    rng = np.random.default_rng(0)
+    # 2,000 descriptors around 64 centres per sub-space, exported the way the model's are.
+    centres = rng.standard_normal((m, 64, d))
+    sub = centres[np.arange(m), rng.integers(0, 64, (2000, m))] + 0.05 * rng.standard_normal((2000, m, d))
+    sub /= np.linalg.norm(sub, axis=-1, keepdims=True)
+    descriptors = (sub / np.sqrt(m)).reshape(2000, -1).astype(np.float32)
+
+    def mean_best_cosine(words: np.ndarray) -> float:
+        words = words / np.linalg.norm(words, axis=-1, keepdims=True)
+        return float(np.einsum("nmd,mkd->nmk", sub, words).max(-1).mean())
+
+    before = mean_best_cosine(backbone.codebooks.detach().numpy())
+    method.after_training(lambda: descriptors)
+    after = mean_best_cosine(backbone.codebooks.detach().numpy())
+    pq = faiss.ProductQuantizer(m * d, m, 8)
+    pq.train(descriptors)  # k-means PQ fitted afterwards: the bar the learnt codes must clear
+    k_means = mean_best_cosine(faiss.vector_to_array(pq.centroids).reshape(m, k, d))
+    assert before < 0.5 < k_means - 0.01 <= after
+
+
 def test_spq_bits_set_the_number_of_codebooks_and_travel_with_the_spec(synth_data, tmp_path):
     from histoseek.errors import HistoseekError
     from training import checkpoint

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -93,6 +94,10 @@ class TrainingMethod(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with training progress in [0, 1] (e.g. EMA)."""
+
+    def after_training(self, descriptors: Callable[[], np.ndarray]) -> None:
+        """Called once after the last step; `descriptors()` embeds (a sample of) the training
+        set the way the exported model will (SPQ fits its codebooks to them)."""
 
     def text_tower(self) -> nn.Module | None:
         """A trained text tower to save beside the backbone (encoders with `text_tower.trained`)."""

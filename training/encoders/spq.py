@@ -6,6 +6,8 @@ mix of its codewords, weighted by scaled cosine similarity; cross quantized cont
 learning (CQC) contrasts one view's descriptor with the other view's soft-quantized
 descriptor and the other way round, so descriptor and codebooks learn together and the
 database can be stored as the codes SPQ learned (faiss.IndexPQ, asymmetric distance).
+After the last step the codebooks are finished by spherical k-means on the training
+set's descriptors, started from the learnt codewords (`refine_codebooks`).
 
 K is 256 (one byte per sub-space, FAISS's fast path), so `--bits` (16, 32, 64) sets
 M = bits / 8. The exported descriptor has every sub-vector L2-normalised and scaled by
@@ -16,8 +18,10 @@ the backbone (unused by its forward, so absent from the ONNX graph) and are writ
 """
 from __future__ import annotations
 
+import logging
 import math
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ from training.backbones import LITE0_FINETUNE, cnn, load_cnn_init
 from training.encoders.registry import Encoder, Preset, TrainingMethod, register
 from training.transforms import preset_two_views
 
+log = logging.getLogger(__name__)
 CODEWORDS = 256
 BITS = (16, 32, 64)
 
@@ -112,6 +117,34 @@ class SPQMethod(TrainingMethod):
     def loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         xa, xb = self.backbone(torch.cat(views[:2])).chunk(2)
         return self.cross_quantized_loss(xa, xb)
+
+    def after_training(self, descriptors) -> None:
+        refine_codebooks(self.backbone.codebooks, descriptors())
+
+
+def refine_codebooks(codebooks: nn.Parameter, descriptors: np.ndarray, iterations: int = 20) -> None:
+    """Lloyd iterations of spherical k-means on the training descriptors, from the learnt
+    codewords, in each sub-space. Soft quantization trains codewords by their softmax
+    share, so some end far from every sub-vector (dead) and the rest off their clusters'
+    centres; on crc5-dev the codes straight from training fell behind k-means PQ fitted
+    to the same descriptor (benchmarks/compact_codes.py). Refining keeps the
+    learnt codebooks as the start and hard assignment, the way the index uses them;
+    FAISS re-seeds empty clusters by splitting large ones."""
+    m, k, d = codebooks.shape
+    if len(descriptors) < k:
+        log.warning("spq: %d training tiles are fewer than the %d codewords of a sub-space; the codebooks stay "
+                    "as trained", len(descriptors), k)
+        return
+    sub = descriptors.reshape(len(descriptors), m, d) * math.sqrt(m)  # unit sub-vectors again
+    refined = []
+    for i in range(m):
+        kmeans = faiss.Kmeans(d, k, niter=iterations, spherical=True, seed=i, verbose=False)
+        kmeans.cp.min_points_per_centroid = 1  # a small collection is still fitted, as PQ-after is
+        start = F.normalize(codebooks.detach()[i], dim=-1).numpy().astype(np.float32)
+        kmeans.train(np.ascontiguousarray(sub[:, i]), init_centroids=start)
+        refined.append(torch.from_numpy(kmeans.centroids.copy()))
+    with torch.no_grad():
+        codebooks.copy_(torch.stack(refined))
 
 
 def load_init(backbone: SPQNet, path) -> None:
