@@ -181,9 +181,9 @@ def _probe_spread(method: torch.nn.Module, spec, probe: torch.Tensor, preset) ->
 
 
 def _descriptor_sample(dataset: Dataset, seed: int) -> Dataset:
-    """At most DESCRIPTOR_SAMPLE of the training tiles, for fits after training: enough for
-    256 centroids per sub-space (FAISS samples 256 points per centroid itself), bounded on
-    a large collection."""
+    """At most DESCRIPTOR_SAMPLE of the training tiles, for fits after training: 64 points
+    for each of SPQ's 256 codewords per sub-space, and an embedding pass of a few minutes
+    on 2 cores however large the collection."""
     if len(dataset) <= DESCRIPTOR_SAMPLE:
         return dataset
     return Dataset(dataset.root, random.Random(seed).sample(dataset.items, DESCRIPTOR_SAMPLE))
