@@ -10,7 +10,9 @@ bits (M = bits/8 sub-quantizers of 256 centroids) on SPQ's own float descriptor,
 Retrieval (mMV@5, mAP@5) with test as queries against train, bytes per item, recall@10
 of each compact index against the exact flat index of the same encoder, and search
 latency per query at 10k, 100k and 1M items (database vectors sampled around the real
-train embeddings, re-normalised the way the encoder's output is). One run, one machine:
+train embeddings, re-normalised the way the encoder's output is). Single training runs differ
+by a few hundredths, so each code length trains once per --seeds and the table gives the mean
+and range of the retrieval columns over them (latency: the first seed's index, one machine):
 `compact_codes.json`, `.md` and `.png` under --results.
 """
 from __future__ import annotations
@@ -71,12 +73,13 @@ def run(args) -> dict:
         """The exact flat index's metrics and results: what a compact index of the same vectors is compared with."""
         return scores(faiss.IndexIDMap2(faiss.IndexFlatIP(db.shape[1])), db, q, db_labels, q_labels)
 
-    def measure(method: str, bits: int, db, q, compact: faiss.Index, books: int, sweep_flat: bool, flat: tuple):
+    def measure(method: str, bits: int, db, q, compact: faiss.Index, books: int, sweep_flat: bool, flat: tuple,
+                seed: int, timed: bool = True):
         flat_metrics, exact = flat
         metrics, found = scores(compact, db, q, db_labels, q_labels)
         latencies, flat_latencies = {}, {}
         queries = realistic(db, 100, books, rng)
-        for size in SIZES:
+        for size in SIZES if timed else ():
             vectors = realistic(db, size, books, rng)
             big = faiss.clone_index(compact)
             big.reset()
@@ -87,25 +90,28 @@ def run(args) -> dict:
                 flat.add(vectors)
                 flat_latencies[size] = round(latency_ms(flat, queries), 3)
             log.info("%s %d bits: %d items, %.3f ms/query", method, bits, size, latencies[size])
-        rows.append({"method": method, "bits": bits, "mMV@5": metrics["mMV@5"], "mAP@5": metrics["mAP@5"],
+        rows.append({"method": method, "bits": bits, "seed": seed, "mMV@5": metrics["mMV@5"], "mAP@5": metrics["mAP@5"],
                      "flat_mMV@5": flat_metrics["mMV@5"], "flat_mAP@5": flat_metrics["mAP@5"],
                      "bytes_per_item": code_bytes_per_item(compact), "flat_bytes_per_item": 4 * db.shape[1],
                      "recall@10_vs_flat": round(recall_at_10(found, exact), 4), "latency_ms": latencies,
                      "flat_latency_ms": flat_latencies})
 
     for bits in args.bits:
-        ckpt = args.workdir / f"spq{bits}"
-        if not (ckpt / "weights.safetensors").is_file():
-            train(TrainConfig(encoder="spq", data=str(args.data / "train"), out=str(ckpt), epochs=args.epochs,
-                              bits=bits, seed=args.seed))
-        db, q, backbone = embed(ckpt, train_set, test_set)
-        codebooks = backbone.export_arrays()["codebooks.npy"]
-        flat = exact_flat(db, q)
-        index, _ = new_faiss_index("pq", db.shape[1], db, codebooks=codebooks)
-        measure("spq (own codes)", bits, db, q, index, codebooks.shape[0], sweep_flat=False, flat=flat)
-        # The bar SPQ's codes must clear: k-means PQ of the same bits on SPQ's own descriptor.
-        index, _ = new_faiss_index("pq", db.shape[1], db, {"M": bits // 8, "nbits": 8})
-        measure("spq + FAISS PQ", bits, db, q, index, codebooks.shape[0], sweep_flat=False, flat=flat)
+        for seed in args.seeds:
+            ckpt = args.workdir / f"spq{bits}-seed{seed}"
+            if not (ckpt / "weights.safetensors").is_file():
+                train(TrainConfig(encoder="spq", data=str(args.data / "train"), out=str(ckpt), epochs=args.epochs,
+                                  bits=bits, seed=seed))
+            db, q, backbone = embed(ckpt, train_set, test_set)
+            codebooks = backbone.export_arrays()["codebooks.npy"]
+            flat, timed = exact_flat(db, q), seed == args.seeds[0]
+            index, _ = new_faiss_index("pq", db.shape[1], db, codebooks=codebooks)
+            measure("spq (own codes)", bits, db, q, index, codebooks.shape[0], sweep_flat=False, flat=flat,
+                    seed=seed, timed=timed)
+            # The bar SPQ's codes must clear: k-means PQ of the same bits on SPQ's own descriptor.
+            index, _ = new_faiss_index("pq", db.shape[1], db, {"M": bits // 8, "nbits": 8})
+            measure("spq + FAISS PQ", bits, db, q, index, codebooks.shape[0], sweep_flat=False, flat=flat,
+                    seed=seed, timed=timed)
 
     if args.float_checkpoint:
         float_db, float_q, _ = embed(args.float_checkpoint, train_set, test_set)
@@ -114,19 +120,46 @@ def run(args) -> dict:
         for bits in args.bits:
             index, _ = new_faiss_index("pq", float_db.shape[1], float_db, {"M": bits // 8, "nbits": 8})
             measure(f"{name} + FAISS PQ", bits, float_db, float_q, index, 1, sweep_flat=bits == args.bits[0],
-                    flat=float_flat)
-    return {"data": str(args.data), "epochs": args.epochs, "bits": list(args.bits), "rows": rows}
+                    flat=float_flat, seed=args.seeds[0])
+    return {"data": str(args.data), "epochs": args.epochs, "bits": list(args.bits), "seeds": list(args.seeds),
+            "rows": rows, "summary": summary(rows)}
+
+
+SCORES = ("mMV@5", "mAP@5", "flat_mMV@5", "flat_mAP@5", "recall@10_vs_flat")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per method and code length: the first seed's row (sizes, latency) with each score
+    replaced by its mean over the seeds, and its range beside it."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["bits"]), []).append(row)
+    out = []
+    for runs in groups.values():
+        merged = dict(runs[0], seeds=[r["seed"] for r in runs])
+        del merged["seed"]
+        for key in SCORES:
+            values = [r[key] for r in runs]
+            merged[key], merged[f"{key}_range"] = float(np.mean(values)), [min(values), max(values)]
+        out.append(merged)
+    return out
+
+
+def _mean_range(row: dict, key: str) -> str:
+    low, high = row[f"{key}_range"]
+    return f"{row[key]:.3f}" if low == high else f"{row[key]:.3f} ({low:.3f}–{high:.3f})"
 
 
 def markdown(report: dict) -> str:
-    lines = ["| method | bits | bytes/item | mMV@5 | mAP@5 | flat mMV@5 | flat mAP@5 | recall@10 vs flat | "
+    lines = [f"Mean (range) over seeds {', '.join(map(str, report['seeds']))} for spq; latency from the first seed.",
+             "", "| method | bits | bytes/item | mMV@5 | mAP@5 | flat mMV@5 | flat mAP@5 | recall@10 vs flat | "
              "ms/query 10k | 100k | 1M |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
+    for r in report["summary"]:
         lat = [r["latency_ms"][s] for s in SIZES]
-        lines.append(f"| {r['method']} | {r['bits']} | {r['bytes_per_item']} | {r['mMV@5']:.3f} | {r['mAP@5']:.3f} | "
-                     f"{r['flat_mMV@5']:.3f} | {r['flat_mAP@5']:.3f} | {r['recall@10_vs_flat']:.3f} | "
-                     + " | ".join(f"{v:.3f}" for v in lat) + " |")
-    for r in report["rows"]:
+        lines.append(f"| {r['method']} | {r['bits']} | {r['bytes_per_item']} | {_mean_range(r, 'mMV@5')} | "
+                     f"{_mean_range(r, 'mAP@5')} | {_mean_range(r, 'flat_mMV@5')} | {_mean_range(r, 'flat_mAP@5')} | "
+                     f"{_mean_range(r, 'recall@10_vs_flat')} | " + " | ".join(f"{v:.3f}" for v in lat) + " |")
+    for r in report["summary"]:
         if r["flat_latency_ms"]:
             lat = [r["flat_latency_ms"][s] for s in SIZES]
             lines.append(f"| {r['method'].split(' +')[0]} flat (exact) | {32 * r['flat_bytes_per_item'] // 4} | "
@@ -137,15 +170,15 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     with figure(path, 1, 2, figsize=(11, 4), dpi=120) as (left, right):
-        for method in dict.fromkeys(r["method"] for r in report["rows"]):
-            rows = [r for r in report["rows"] if r["method"] == method]
+        for method in dict.fromkeys(r["method"] for r in report["summary"]):
+            rows = [r for r in report["summary"] if r["method"] == method]
             left.plot([r["bits"] for r in rows], [r["mAP@5"] for r in rows], marker="o", label=f"{method} mAP@5")
             left.plot([r["bits"] for r in rows], [r["mMV@5"] for r in rows], marker="s", linestyle="--",
                       label=f"{method} mMV@5")
             for r in rows:
                 right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o",
                            label=f"{method}, {r['bits']} bits")
-        for r in report["rows"]:
+        for r in report["summary"]:
             if r["flat_latency_ms"]:
                 right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black",
                            label="flat (exact)")
@@ -163,10 +196,11 @@ def main() -> None:
                         help="a trained float encoder (e.g. dml) whose embeddings get PQ of the same bits as well")
     parser.add_argument("--epochs", type=int, default=4, help="spq training epochs per code length")
     parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), choices=BITS,
-                        help="code lengths to compare (an spq checkpoint already in --workdir/spq<bits> is reused)")
+                        help="code lengths to compare (an spq checkpoint already in --workdir/spq<bits>-seed<seed> "
+                        "is reused)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/compact_codes"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one spq training per seed and code length")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
