@@ -172,9 +172,11 @@ def plot(report: dict, path: Path) -> None:
     with figure(path, 1, 2, figsize=(11, 4), dpi=120) as (left, right):
         for method in dict.fromkeys(r["method"] for r in report["summary"]):
             rows = [r for r in report["summary"] if r["method"] == method]
-            left.plot([r["bits"] for r in rows], [r["mAP@5"] for r in rows], marker="o", label=f"{method} mAP@5")
-            left.plot([r["bits"] for r in rows], [r["mMV@5"] for r in rows], marker="s", linestyle="--",
-                      label=f"{method} mMV@5")
+            for key, style in (("mAP@5", dict(marker="o")), ("mMV@5", dict(marker="s", linestyle="--"))):
+                # Bars: the range over seeds.
+                spread = [[r[key] - r[f"{key}_range"][0] for r in rows], [r[f"{key}_range"][1] - r[key] for r in rows]]
+                left.errorbar([r["bits"] for r in rows], [r[key] for r in rows], yerr=spread, capsize=3,
+                              label=f"{method} {key}", **style)
             for r in rows:
                 right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o",
                            label=f"{method}, {r['bits']} bits")
@@ -182,7 +184,8 @@ def plot(report: dict, path: Path) -> None:
             if r["flat_latency_ms"]:
                 right.plot(SIZES, [r["flat_latency_ms"][s] for s in SIZES], marker="x", color="black",
                            label="flat (exact)")
-        left.set(xlabel="bits per item", ylabel="score", xticks=report["bits"], title="retrieval, test vs train")
+        left.set(xlabel="bits per item", ylabel="score", xticks=report["bits"],
+                 title="retrieval, test vs train (mean, range over seeds)")
         right.set(xscale="log", yscale="log", xlabel="items in the index", ylabel="ms per query",
                   title="search latency, one query at a time")
         left.legend(fontsize=7)
