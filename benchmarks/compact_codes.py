@@ -26,6 +26,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from benchmarks.over_seeds import cell, error_bars, over_seeds
 from benchmarks.results_files import figure, write_results
 from benchmarks.vectors import realistic, recall_at_10
 from training.contract import ContractModel
@@ -78,7 +79,7 @@ def run(args) -> dict:
         flat_metrics, exact = flat
         metrics, found = scores(compact, db, q, db_labels, q_labels)
         latencies, flat_latencies = {}, {}
-        queries = realistic(db, 100, books, rng)
+        queries = realistic(db, 100, books, rng) if timed else None
         for size in SIZES if timed else ():
             vectors = realistic(db, size, books, rng)
             big = faiss.clone_index(compact)
@@ -130,24 +131,12 @@ SCORES = ("mMV@5", "mAP@5", "flat_mMV@5", "flat_mAP@5", "recall@10_vs_flat")
 
 def summary(rows: list[dict]) -> list[dict]:
     """One row per method and code length: the first seed's row (sizes, latency) with each score
-    replaced by its mean over the seeds, and its range beside it."""
+    replaced by its mean, min and max over the seeds."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["bits"]), []).append(row)
-    out = []
-    for runs in groups.values():
-        merged = dict(runs[0], seeds=[r["seed"] for r in runs])
-        del merged["seed"]
-        for key in SCORES:
-            values = [r[key] for r in runs]
-            merged[key], merged[f"{key}_range"] = float(np.mean(values)), [min(values), max(values)]
-        out.append(merged)
-    return out
-
-
-def _mean_range(row: dict, key: str) -> str:
-    low, high = row[f"{key}_range"]
-    return f"{row[key]:.3f}" if low == high else f"{row[key]:.3f} ({low:.3f}–{high:.3f})"
+    return [{key: value for key, value in runs[0].items() if key != "seed"}
+            | {"seeds": [r["seed"] for r in runs]} | over_seeds(runs, SCORES) for runs in groups.values()]
 
 
 def markdown(report: dict) -> str:
@@ -156,14 +145,15 @@ def markdown(report: dict) -> str:
              "ms/query 10k | 100k | 1M |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["summary"]:
         lat = [r["latency_ms"][s] for s in SIZES]
-        lines.append(f"| {r['method']} | {r['bits']} | {r['bytes_per_item']} | {_mean_range(r, 'mMV@5')} | "
-                     f"{_mean_range(r, 'mAP@5')} | {_mean_range(r, 'flat_mMV@5')} | {_mean_range(r, 'flat_mAP@5')} | "
-                     f"{_mean_range(r, 'recall@10_vs_flat')} | " + " | ".join(f"{v:.3f}" for v in lat) + " |")
+        scores = [cell(r[key], len(r["seeds"]) > 1) for key in SCORES]
+        lines.append(f"| {r['method']} | {r['bits']} | {r['bytes_per_item']} | {' | '.join(scores)} | "
+                     + " | ".join(f"{v:.3f}" for v in lat) + " |")
     for r in report["summary"]:
         if r["flat_latency_ms"]:
             lat = [r["flat_latency_ms"][s] for s in SIZES]
             lines.append(f"| {r['method'].split(' +')[0]} flat (exact) | {32 * r['flat_bytes_per_item'] // 4} | "
-                         f"{r['flat_bytes_per_item']} | {r['flat_mMV@5']:.3f} | {r['flat_mAP@5']:.3f} | – | – | 1.000 | "
+                         f"{r['flat_bytes_per_item']} | {r['flat_mMV@5']['mean']:.3f} | {r['flat_mAP@5']['mean']:.3f} | "
+                         "– | – | 1.000 | "
                          + " | ".join(f"{v:.3f}" for v in lat) + " |")
     return "\n".join(lines) + "\n"
 
@@ -173,10 +163,9 @@ def plot(report: dict, path: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in report["summary"]):
             rows = [r for r in report["summary"] if r["method"] == method]
             for key, style in (("mAP@5", dict(marker="o")), ("mMV@5", dict(marker="s", linestyle="--"))):
-                # Bars: the range over seeds.
-                spread = [[r[key] - r[f"{key}_range"][0] for r in rows], [r[f"{key}_range"][1] - r[key] for r in rows]]
-                left.errorbar([r["bits"] for r in rows], [r[key] for r in rows], yerr=spread, capsize=3,
-                              label=f"{method} {key}", **style)
+                stats = [r[key] for r in rows]  # bars: the range over seeds
+                left.errorbar([r["bits"] for r in rows], [s["mean"] for s in stats], yerr=error_bars(stats),
+                              capsize=3, label=f"{method} {key}", **style)
             for r in rows:
                 right.plot(SIZES, [r["latency_ms"][s] for s in SIZES], marker="o",
                            label=f"{method}, {r['bits']} bits")

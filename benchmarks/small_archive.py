@@ -17,11 +17,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.colour_histogram import colour_histogram_metrics
 from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.machine import project_relative
+from benchmarks.over_seeds import cell, error_bars, over_seeds
 from benchmarks.results_files import figure, write_results
 from histoseek.dataset import DatasetItem, read_dataset, write_manifest
 from histoseek.errors import HistoseekError
@@ -58,13 +57,6 @@ def trained(encoder: str, data: Path, out: Path, steps: int, seed: int) -> Path:
     return out
 
 
-def summary(runs: list[dict]) -> dict:
-    """Mean, min and max of each metric over the runs (seeds)."""
-    return {name: {"mean": round(float(np.mean([r[name] for r in runs])), 4),
-                   "min": round(float(min(r[name] for r in runs)), 4),
-                   "max": round(float(max(r[name] for r in runs)), 4)} for name in METRICS}
-
-
 def markdown(report: dict) -> str:
     frozen = report["rows"][1]["metrics"]["mMV@5"]["mean"]
     lines = [f"Collection: {report['collection']} ({report['images']} images), labels hidden during training; "
@@ -72,8 +64,7 @@ def markdown(report: dict) -> str:
              "| model | seeds | mMV@5 | P@5 | mAP@5 | mMV@5 vs frozen |", "|---|---|---|---|---|---|"]
     for row in report["rows"]:
         m = row["metrics"]
-        cells = [f"{m[k]['mean']:.3f}" + (f" ({m[k]['min']:.3f}-{m[k]['max']:.3f})" if len(row["seeds"]) > 1 else "")
-                 for k in METRICS]
+        cells = [cell(m[k], len(row["seeds"]) > 1) for k in METRICS]
         delta = "–" if not row["seeds"] else f"{m['mMV@5']['mean'] - frozen:+.3f}"
         lines.append(f"| {row['model']} | {len(row['seeds']) or '–'} | {' | '.join(cells)} | {delta} |")
     return "\n".join(lines)
@@ -83,9 +74,8 @@ def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     with figure(path, 1, 1, dpi=120, figsize=(8, 3.8)) as ax:
         means = [r["metrics"]["mMV@5"]["mean"] for r in rows]
-        spread = np.array([[m - r["metrics"]["mMV@5"]["min"], r["metrics"]["mMV@5"]["max"] - m]
-                           for r, m in zip(rows, means)]).T
-        ax.bar(range(len(rows)), means, yerr=spread, capsize=3, color="tab:olive")
+        ax.bar(range(len(rows)), means, yerr=error_bars([r["metrics"]["mMV@5"] for r in rows]), capsize=3,
+               color="tab:olive")
         ax.axhline(rows[1]["metrics"]["mMV@5"]["mean"] + 0.05, color="grey", linestyle="--", linewidth=1,
                    label="frozen + 0.05")
         ax.set_xticks(range(len(rows)), [r["model"] for r in rows], fontsize=7, rotation=20, ha="right")
@@ -111,9 +101,9 @@ def main() -> None:
     preset = get_encoder(args.encoders[0]).preset("cpu")
     frozen = evaluate_backbone(*frozen_backbone(preset.backbone, preset.input_size), args.collection, None, KS)
     rows = [{"model": "colour histogram", "seeds": [],
-             "metrics": summary([colour_histogram_metrics(collection, collection, KS)])},
+             "metrics": over_seeds([colour_histogram_metrics(collection, collection, KS)], METRICS)},
             {"model": f"frozen {preset.backbone} (ImageNet, no training)", "seeds": [],
-             "metrics": summary([frozen["metrics"]])}]
+             "metrics": over_seeds([frozen["metrics"]], METRICS)}]
     for name in args.encoders:
         for steps in args.steps:
             runs = []
@@ -122,7 +112,7 @@ def main() -> None:
                 runs.append(evaluate_backbone(*checkpoint.load_backbone(out), args.collection, None, KS)["metrics"])
                 log.info("%s, %d steps, seed %d: mMV@5 %.3f", name, steps, seed, runs[-1]["mMV@5"])
             rows.append({"model": f"{name}, {steps} steps", "encoder": name, "steps": steps, "seeds": args.seeds,
-                         "per_seed": runs, "metrics": summary(runs)})
+                         "per_seed": runs, "metrics": over_seeds(runs, METRICS)})
     report = {"collection": project_relative(args.collection), "images": len(collection), "rows": rows}
     table = markdown(report)
     write_results(args.results / "small_archive", report, table, lambda path: plot(report, path))
