@@ -16,9 +16,12 @@ from training.encoders.registry import Encoder, Preset, TrainingMethod, register
 from training.transforms import preset_two_views
 
 PRESETS = {
-    # ImageNet EfficientNet-Lite0 fine-tuned, with a 2048-d projector.
-    "cpu": Preset(**LITE0_FINETUNE, options=dict(hidden_dim=2048, out_dim=2048, lambda_param=5e-3,
-                                                 crop_scale=[0.4, 1.0], hed_strength=0.05, color_jitter=0.1)),
+    # ImageNet EfficientNet-Lite0 fine-tuned, with a 2048-d projector. The trunk learns at 3e-4, not
+    # the shared 1e-4: on crc5-dev (4 epochs) mMV@5 0.736 on the mean of seeds 0-2 (0.712-0.748), against
+    # 0.688 at 1e-4 (seed 0) and 0.652 frozen.
+    "cpu": Preset(**LITE0_FINETUNE | dict(trunk_lr=3e-4),
+                  options=dict(hidden_dim=2048, out_dim=2048, lambda_param=5e-3, crop_scale=[0.4, 1.0],
+                               hed_strength=0.05, color_jitter=0.1)),
     # ResNet-18 on 64-px tiles from random weights.
     "scratch": Preset(backbone="resnet18", input_size=64, embedding_dim=512, batch_size=64, epochs=30, lr=1e-3,
                   weight_decay=1e-4, warmup_epochs=2,
