@@ -1,6 +1,6 @@
 """Other labs' tiles: queries from one collection against a database of another.
 
-    python -m benchmarks.cross_collection [--encoders dml simclr …] [--train-minutes 2]
+    python -m benchmarks.cross_collection [--encoders dml simclr …] [--seeds 0 1 2] [--train-minutes 2]
 
 The 32 CRC-VAL-HE-7K tiles of `../shared/data` (Kather et al. 2018: another lab, another
 scanner, other cuts) query the demo collection (Kather et al. 2016), their labels said in its
@@ -23,6 +23,7 @@ from PIL import Image
 from benchmarks.colour_histogram import colour_histogram_metrics
 from benchmarks.frozen_backbone import frozen_backbone
 from benchmarks.machine import project_relative
+from benchmarks.over_seeds import cell, error_bars, over_seeds
 from benchmarks.results_files import paired_bars, write_results
 from histoseek.dataset import Dataset, read_dataset
 from histoseek.label_map import read_label_map, relabel
@@ -36,6 +37,8 @@ from training.train import TrainConfig, train
 log = logging.getLogger("benchmarks.cross_collection")
 ROOT = Path(__file__).resolve().parent.parent
 KS = [5]
+METRICS = ("mMV@5", "P@5")
+QUERY_SETS = ("metrics", "metrics_stain_normalised")
 
 
 def typical_tile(database: Dataset) -> Path:
@@ -63,24 +66,34 @@ def stain_normalised(queries: Dataset, reference: Path, out: Path) -> Path:
     return out
 
 
+def encoder_row(name: str, runs: list[dict]) -> dict:
+    """One encoder's row: its runs (one per seed: steps, and scores on each query set) and
+    the mean and range of each score over them."""
+    fewest, most = min(run["steps"] for run in runs), max(run["steps"] for run in runs)
+    return {"model": f"{name} ({fewest if fewest == most else f'{fewest}-{most}'} steps)", "encoder": name,
+            "seeds": [run["seed"] for run in runs], "per_seed": runs,
+            **{key: over_seeds([run[key] for run in runs], METRICS) for key in QUERY_SETS}}
+
+
 def markdown(report: dict) -> str:
     lines = [f"Queries: {report['queries']} ({report['query_count']} tiles), database: {report['database']}, labels "
-             f"mapped by {report['label_map']}; stain reference {report['stain_reference']}.", "",
-             "| model | mMV@5 | P@5 | mMV@5, queries stain-normalised | P@5, stain-normalised |",
-             "|---|---|---|---|---|"]
+             f"mapped by {report['label_map']}; stain reference {report['stain_reference']}. Fine-tuned rows: mean "
+             "over the seeds (min-max).", "",
+             "| model | seeds | mMV@5 | P@5 | mMV@5, queries stain-normalised | P@5, stain-normalised |",
+             "|---|---|---|---|---|---|"]
     for row in report["rows"]:
-        raw, normed = row["metrics"], row["metrics_stain_normalised"]
-        lines.append(f"| {row['model']} | {raw['mMV@5']:.3f} | {raw['P@5']:.3f} | {normed['mMV@5']:.3f} | "
-                     f"{normed['P@5']:.3f} |")
+        cells = [cell(row[key][name], len(row["seeds"]) > 1) for key in QUERY_SETS for name in METRICS]
+        lines.append(f"| {row['model']} | {len(row['seeds']) or '–'} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     paired_bars(path, [r["model"].split(" (")[0] for r in rows],
-                ("queries as they are", [r["metrics"]["mMV@5"] for r in rows]),
-                ("stain-normalised", [r["metrics_stain_normalised"]["mMV@5"] for r in rows]),
-                "mMV@5", "CRC-VAL-HE-7K tiles against the demo collection")
+                ("queries as they are", [r["metrics"]["mMV@5"]["mean"] for r in rows]),
+                ("stain-normalised", [r["metrics_stain_normalised"]["mMV@5"]["mean"] for r in rows]),
+                "mMV@5 (mean over seeds, min-max)", "CRC-VAL-HE-7K tiles against the demo collection",
+                spreads=tuple(error_bars([r[key]["mMV@5"] for r in rows]) for key in QUERY_SETS))
 
 
 def main() -> None:
@@ -91,6 +104,7 @@ def main() -> None:
                         default=ROOT / "configs" / "label_maps" / "crc-val-he-7k_to_kather2016.csv")
     parser.add_argument("--encoders", nargs="*", help="default: every registered fine-tuning encoder; the flag "
                         "alone: only the colour and frozen rows")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-minutes", type=float, default=QUICKSTART_MINUTES)
     parser.add_argument("--min-steps", type=int, default=QUICKSTART_MIN_STEPS)
     parser.add_argument("--workdir", type=Path, default=Path("runs/cross_collection"))
@@ -102,26 +116,32 @@ def main() -> None:
     normed_dir = stain_normalised(read_dataset(args.queries), reference, args.workdir / "queries_stain_normalised")
 
     def scored(backbone, spec) -> dict:
-        return {"metrics": evaluate_backbone(backbone, spec, args.database, args.queries, KS,
-                                             label_map=mapping)["metrics"],
-                "metrics_stain_normalised": evaluate_backbone(backbone, spec, args.database, normed_dir, KS,
-                                                              label_map=mapping)["metrics"]}
+        return {key: evaluate_backbone(backbone, spec, args.database, folder, KS, label_map=mapping)["metrics"]
+                for key, folder in zip(QUERY_SETS, (args.queries, normed_dir))}
 
-    rows = [{"model": "colour histogram", **{
+    def one_run(model: str, run: dict) -> dict:
+        return {"model": model, "seeds": [], **{key: over_seeds([run[key]], METRICS) for key in QUERY_SETS}}
+
+    rows = [one_run("colour histogram", {
         key: colour_histogram_metrics(database, relabel(read_dataset(folder), mapping, database.labels), KS)
-        for key, folder in (("metrics", args.queries), ("metrics_stain_normalised", normed_dir))}}]
+        for key, folder in zip(QUERY_SETS, (args.queries, normed_dir))})]
     frozen = get_encoder("dml").preset("cpu")
-    rows.append({"model": f"frozen {frozen.backbone} (ImageNet, no training)",
-                 **scored(*frozen_backbone(frozen.backbone, frozen.input_size))})
+    rows.append(one_run(f"frozen {frozen.backbone} (ImageNet, no training)",
+                        scored(*frozen_backbone(frozen.backbone, frozen.input_size))))
     names = [e.name for e in list_encoders() if "cpu" in e.presets] if args.encoders is None else args.encoders
     for name in names:
-        out = args.workdir / name
-        if not (out / checkpoint.WEIGHTS).is_file():
-            train(TrainConfig(encoder=name, data=str(args.database), out=str(out), epochs=QUICKSTART_EPOCHS,
-                              max_minutes=args.train_minutes, min_steps=args.min_steps, fresh=True))
-        config = checkpoint.read_config(out)
-        rows.append({"model": f"{name} ({config['minutes']:.1f} min, {config['steps']} steps)",
-                     **scored(*checkpoint.load_backbone(out))})
+        runs = []
+        for seed in args.seeds:
+            out = args.workdir / f"{name}-seed{seed}"
+            if not (out / checkpoint.WEIGHTS).is_file():
+                train(TrainConfig(encoder=name, data=str(args.database), out=str(out), epochs=QUICKSTART_EPOCHS,
+                                  max_minutes=args.train_minutes, min_steps=args.min_steps, seed=seed, fresh=True))
+            config = checkpoint.read_config(out)
+            runs.append({"seed": seed, "minutes": round(config["minutes"], 2), "steps": config["steps"],
+                         **scored(*checkpoint.load_backbone(out))})
+            log.info("%s, seed %d (%d steps): mMV@5 %.3f, stain-normalised %.3f", name, seed, config["steps"],
+                     runs[-1]["metrics"]["mMV@5"], runs[-1]["metrics_stain_normalised"]["mMV@5"])
+        rows.append(encoder_row(name, runs))
     report = {"database": project_relative(args.database), "queries": project_relative(args.queries),
               "query_count": len(read_dataset(args.queries)), "label_map": project_relative(args.label_map),
               "stain_reference": project_relative(reference), "rows": rows}

@@ -25,14 +25,15 @@ def machine_line(stamp: dict) -> str:
 
 
 def paired_bars(path: Path, names: list[str], first: tuple[str, list[float]], second: tuple[str, list[float]],
-                ylabel: str, title: str) -> None:
-    """One bar pair per row (e.g. before / after), scores on a 0-1 axis, saved to `path`."""
+                ylabel: str, title: str, spreads: tuple | None = None) -> None:
+    """One bar pair per row (e.g. before / after), scores on a 0-1 axis, saved to `path`;
+    `spreads`, when given, is each bar set's matplotlib `yerr` (e.g. the range over seeds)."""
     import numpy as np
 
     with figure(path, 1, 1, dpi=120, figsize=(8, 3.8)) as ax:
         x = np.arange(len(names))
-        for offset, (label, values) in ((-0.2, first), (0.2, second)):
-            ax.bar(x + offset, values, 0.4, label=label)
+        for offset, (label, values), spread in zip((-0.2, 0.2), (first, second), spreads or (None, None)):
+            ax.bar(x + offset, values, 0.4, label=label, yerr=spread, capsize=2)
         ax.set_xticks(x, names, fontsize=7, rotation=30, ha="right")
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, 1)
