@@ -114,17 +114,18 @@ def main() -> None:
     database, mapping = read_dataset(args.database), read_label_map(args.label_map)
     reference = typical_tile(database)
     normed_dir = stain_normalised(read_dataset(args.queries), reference, args.workdir / "queries_stain_normalised")
+    query_folders = dict(zip(QUERY_SETS, (args.queries, normed_dir)))
 
     def scored(backbone, spec) -> dict:
         return {key: evaluate_backbone(backbone, spec, args.database, folder, KS, label_map=mapping)["metrics"]
-                for key, folder in zip(QUERY_SETS, (args.queries, normed_dir))}
+                for key, folder in query_folders.items()}
 
     def one_run(model: str, run: dict) -> dict:
         return {"model": model, "seeds": [], **{key: over_seeds([run[key]], METRICS) for key in QUERY_SETS}}
 
     rows = [one_run("colour histogram", {
         key: colour_histogram_metrics(database, relabel(read_dataset(folder), mapping, database.labels), KS)
-        for key, folder in zip(QUERY_SETS, (args.queries, normed_dir))})]
+        for key, folder in query_folders.items()})]
     frozen = get_encoder("dml").preset("cpu")
     rows.append(one_run(f"frozen {frozen.backbone} (ImageNet, no training)",
                         scored(*frozen_backbone(frozen.backbone, frozen.input_size))))
