@@ -272,16 +272,24 @@ def test_a_killed_embedding_actor_loses_nothing(tmp_path, many_tiles, many_refer
         while _saved(out) == 0:  # both actors are up once the first batch is saved
             assert not build.done() and time.monotonic() < deadline, build.exception(0) if build.done() else ""
             time.sleep(0.02)
-        actors = _embedding_actors(ray_cluster)
-        assert len(actors) == 2, actors
-        # One embedding a batch now (its title names the task) if there is one.
-        victim = max(actors, key=lambda pid: (actors[pid].endswith(".submit"), pid))
-        os.kill(victim, signal.SIGKILL)
+        # The victim is one embedding a batch now (its title names the task): Ray must retry
+        # that batch on the restarted actor, so the build cannot end before the restart. An
+        # idle victim proves nothing: the other actor may finish the build before Ray has
+        # started a new process (CI saw that once).
+        while True:
+            actors = _embedding_actors(ray_cluster)
+            assert len(actors) == 2, actors
+            busy = [pid for pid, title in actors.items() if title.endswith(".submit")]
+            if busy:
+                break
+            assert not build.done() and time.monotonic() < deadline, "no embedding actor was ever busy"
+            time.sleep(0.005)
+        os.kill(busy[0], signal.SIGKILL)
         assert not build.done() and _saved(out) < 90, "the build ended before the kill"
         restarted = set()
         while not build.done():
             restarted |= set(_embedding_actors(ray_cluster)) - set(actors)
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert build.result() == out
     assert restarted, "Ray did not start the killed actor again"
     assert_same_index(out, many_reference)
